@@ -1,1 +1,25 @@
-//! placeholder
+//! The Tokensmith companion: an Envoy ext_authz v3 gRPC server that validates a
+//! workload-cluster service-account token and answers with a management-cluster token
+//! for the service account of the same namespace and name.
+//!
+//! A request flows `authz` (gRPC glue) → `authz::bearer` (header) → `review` (TokenReview
+//! on the workload cluster) → `exchange` (TokenRequest on the management cluster) →
+//! `authz::decision` (the CheckResponse Envoy applies).
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod authz;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod exchange;
+pub mod greet;
+pub mod identity;
+pub mod review;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+
+pub use error::Error;

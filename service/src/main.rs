@@ -1,1 +1,46 @@
-fn main() {}
+//! `tokensmith`: parse the command line, start logging, run, map errors to an exit code.
+
+use std::{net::SocketAddr, process::ExitCode};
+
+use anyhow::Context;
+use clap::Parser;
+use tokensmith_service::{
+    Error,
+    cli::{Cli, Command},
+    config::AuthzConfig,
+    greet, server, telemetry,
+};
+
+/// Exit code for configuration errors (EX_USAGE), as for bad flags.
+const EX_USAGE: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_level, cli.log_format);
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "exiting");
+            eprintln!("tokensmith: {error:#}");
+            let usage = error
+                .downcast_ref::<Error>()
+                .is_some_and(|e| matches!(e, Error::Config { .. }));
+            ExitCode::from(if usage { EX_USAGE } else { 1 })
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Authz(args) => {
+            let config = AuthzConfig::try_from(args)?;
+            let running = server::start(config).await?;
+            running.wait().await.context("ext_authz server")?;
+        }
+        Command::Serve(args) => greet::serve(SocketAddr::new(args.addr, args.port)).await?,
+        Command::Greet(args) => println!("{}", greet::greet(&args.server, &args.name).await?),
+        Command::Version => println!("tokensmith {}", env!("CARGO_PKG_VERSION")),
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! The ext_authz `Check` RPC: glue between Envoy's CheckRequest, the decision
+//! (`Authorizer::decide`) and the CheckResponse, plus the one log line per decision.
+
+pub mod bearer;
+pub mod decision;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use tokensmith_proto::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, attribute_context::HttpRequest,
+    authorization_server::Authorization,
+};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::{
+    cluster::Cluster,
+    deadline,
+    exchange::{Exchanger, bounded_lifetime},
+    identity::WorkloadIdentity,
+    review::Reviewer,
+    secret::ExchangedToken,
+};
+use decision::DenyReason;
+
+/// A refusal and, for the log only, what the cluster said about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// Why: decides the status the client sees.
+    pub reason: DenyReason,
+    /// Details for operators (an API status message, an error chain). Never a token.
+    pub detail: Option<String>,
+}
+
+impl From<DenyReason> for Denial {
+    fn from(reason: DenyReason) -> Self {
+        Denial {
+            reason,
+            detail: None,
+        }
+    }
+}
+
+/// What `decide` concluded.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Forward with the management token.
+    Allowed {
+        /// Who asked.
+        identity: WorkloadIdentity,
+        /// The exchanged token.
+        token: ExchangedToken,
+        /// The lifetime we requested for it.
+        lifetime: Duration,
+    },
+    /// Refuse. `identity` is known when the refusal came after the TokenReview.
+    Denied {
+        /// Who asked, when known.
+        identity: Option<WorkloadIdentity>,
+        /// Why not.
+        denial: Denial,
+    },
+}
+
+/// The exchange itself, independent of gRPC: header in, outcome out.
+#[derive(Clone)]
+pub struct Authorizer {
+    reviewer: Reviewer,
+    exchanger: Exchanger,
+    token_expiration: Duration,
+    kube_timeout: Duration,
+}
+
+impl Authorizer {
+    /// Builds an authorizer. `token_expiration` is the longest lifetime requested;
+    /// `kube_timeout` bounds the Kubernetes calls of one Check.
+    pub fn new(
+        reviewer: Reviewer,
+        exchanger: Exchanger,
+        token_expiration: Duration,
+        kube_timeout: Duration,
+    ) -> Self {
+        Self {
+            reviewer,
+            exchanger,
+            token_expiration,
+            kube_timeout,
+        }
+    }
+
+    /// Reviews the bearer token in `authorization` and exchanges it, with every
+    /// Kubernetes call done within `budget`.
+    pub async fn decide(&self, authorization: Option<&str>, budget: Duration) -> Outcome {
+        let deadline = tokio::time::Instant::now() + budget;
+        let denied = |identity, denial| Outcome::Denied { identity, denial };
+        let token = match bearer::parse(authorization) {
+            Ok(token) => token,
+            Err(bearer::BearerError::Missing) => {
+                return denied(None, DenyReason::MissingToken.into());
+            }
+            Err(bearer::BearerError::Malformed) => {
+                return denied(None, DenyReason::MalformedToken.into());
+            }
+        };
+        let review = match tokio::time::timeout_at(deadline, self.reviewer.review(&token)).await {
+            Ok(Ok(review)) => review,
+            Ok(Err(denial)) => return denied(None, denial),
+            Err(_) => return denied(None, out_of_time(Cluster::Workload, budget)),
+        };
+        let remaining = match review
+            .expires_at
+            .map(|at| at.duration_since(SystemTime::now()))
+        {
+            None => None,
+            Some(Ok(left)) => Some(left),
+            // The API server accepted it a moment ago, but it has expired since.
+            Some(Err(_)) => {
+                return denied(
+                    Some(review.identity),
+                    Denial {
+                        reason: DenyReason::InvalidToken,
+                        detail: Some("token expired during the review".to_owned()),
+                    },
+                );
+            }
+        };
+        let lifetime = bounded_lifetime(self.token_expiration, remaining);
+        let exchange = self
+            .exchanger
+            .exchange(&review.identity.service_account, lifetime);
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(token)) => Outcome::Allowed {
+                identity: review.identity,
+                token,
+                lifetime,
+            },
+            Ok(Err(denial)) => denied(Some(review.identity), denial),
+            Err(_) => denied(
+                Some(review.identity),
+                out_of_time(Cluster::Management, budget),
+            ),
+        }
+    }
+}
+
+fn out_of_time(cluster: Cluster, budget: Duration) -> Denial {
+    Denial {
+        reason: DenyReason::DeadlineExceeded(cluster),
+        detail: Some(format!("no answer within the check budget of {budget:?}")),
+    }
+}
+
+/// The tonic service Envoy calls.
+pub struct AuthzService {
+    authorizer: Authorizer,
+}
+
+impl AuthzService {
+    /// Serves `authorizer` over gRPC.
+    pub fn new(authorizer: Authorizer) -> Self {
+        Self { authorizer }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let grpc_timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok());
+        let budget = deadline::budget(self.authorizer.kube_timeout, grpc_timeout);
+        // Never Debug-print the request: its headers carry the token.
+        let http = request
+            .into_inner()
+            .attributes
+            .and_then(|a| a.request)
+            .and_then(|r| r.http)
+            .unwrap_or_default();
+        let request_id = request_id(&http);
+        let outcome = match authorization_header(&http) {
+            Ok(header) => self.authorizer.decide(header.as_deref(), budget).await,
+            Err(denial) => Outcome::Denied {
+                identity: None,
+                denial,
+            },
+        };
+        log_decision(&outcome, &request_id, started.elapsed());
+        Ok(Response::new(match &outcome {
+            Outcome::Allowed { token, .. } => decision::allow(token),
+            Outcome::Denied { denial, .. } => decision::deny(denial.reason),
+        }))
+    }
+}
+
+/// The `authorization` header, from the header map Envoy sends by default or from the
+/// raw header list it sends with `encode_raw_headers`. More than one is malformed.
+fn authorization_header(http: &HttpRequest) -> Result<Option<String>, Denial> {
+    if let Some(value) = http.headers.get("authorization") {
+        return Ok(Some(value.clone()));
+    }
+    let mut found = http
+        .header_map
+        .iter()
+        .flat_map(|m| &m.headers)
+        .filter(|h| h.key.eq_ignore_ascii_case("authorization"));
+    let Some(first) = found.next() else {
+        return Ok(None);
+    };
+    let malformed = |detail: &str| Denial {
+        reason: DenyReason::MalformedToken,
+        detail: Some(detail.to_owned()),
+    };
+    if found.next().is_some() {
+        return Err(malformed("more than one authorization header"));
+    }
+    if !first.value.is_empty() {
+        return Ok(Some(first.value.clone()));
+    }
+    String::from_utf8(first.raw_value.clone())
+        .map(Some)
+        .map_err(|_| malformed("authorization header is not UTF-8"))
+}
+
+fn request_id(http: &HttpRequest) -> String {
+    if http.id.is_empty() {
+        http.headers
+            .get("x-request-id")
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        http.id.clone()
+    }
+}
+
+/// One line per decision. Fields only; never a token.
+fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    match outcome {
+        Outcome::Allowed {
+            identity,
+            token,
+            lifetime,
+        } => {
+            let expires_in_s = token
+                .expires_at
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs());
+            info!(
+                decision = "allow",
+                namespace = identity.service_account.namespace(),
+                service_account = identity.service_account.name(),
+                uid = %identity.uid,
+                requested_lifetime_s = lifetime.as_secs(),
+                expires_in_s,
+                request_id,
+                latency_ms,
+                "check decided"
+            );
+        }
+        Outcome::Denied { identity, denial } => {
+            let reason = denial.reason.as_str();
+            let cluster = denial.reason.cluster().map_or("", Cluster::as_str);
+            let detail = denial.detail.as_deref().unwrap_or("");
+            let status = denial.reason.status().0 as i32;
+            // A dependency failure is the operator's problem: warn. A refused client: info.
+            macro_rules! decided {
+                ($level:ident) => {
+                    match identity {
+                        Some(id) => $level!(
+                            decision = "deny", reason, status, cluster, detail,
+                            namespace = id.service_account.namespace(),
+                            service_account = id.service_account.name(),
+                            uid = %id.uid, request_id, latency_ms, "check decided"
+                        ),
+                        None => $level!(
+                            decision = "deny", reason, status, cluster, detail,
+                            request_id, latency_ms, "check decided"
+                        ),
+                    }
+                };
+            }
+            if status == 503 {
+                decided!(warn)
+            } else {
+                decided!(info)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokensmith_proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn raw(pairs: &[(&str, &[u8])]) -> HttpRequest {
+        HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).into(),
+                        value: String::new(),
+                        raw_value: v.to_vec(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn header_comes_from_the_header_map() {
+        let http = HttpRequest {
+            headers: [("authorization".to_string(), "Bearer a".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(authorization_header(&http), Ok(Some("Bearer a".into())));
+    }
+
+    #[test]
+    fn header_comes_from_raw_headers_when_envoy_sends_them() {
+        let http = raw(&[("x-other", b"1"), ("Authorization", b"Bearer a")]);
+        assert_eq!(authorization_header(&http), Ok(Some("Bearer a".into())));
+    }
+
+    #[test]
+    fn two_raw_authorization_headers_are_malformed() {
+        let http = raw(&[
+            ("authorization", b"Bearer a"),
+            ("authorization", b"Bearer b"),
+        ]);
+        assert_eq!(
+            authorization_header(&http).unwrap_err().reason,
+            DenyReason::MalformedToken
+        );
+    }
+
+    #[test]
+    fn non_utf8_raw_header_is_malformed() {
+        let http = raw(&[("authorization", b"Bearer \xff")]);
+        assert_eq!(
+            authorization_header(&http).unwrap_err().reason,
+            DenyReason::MalformedToken
+        );
+    }
+
+    #[test]
+    fn no_header_is_none() {
+        assert_eq!(authorization_header(&HttpRequest::default()), Ok(None));
+    }
+
+    #[test]
+    fn request_id_prefers_envoys_id() {
+        let mut http = HttpRequest {
+            headers: [("x-request-id".to_string(), "h".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(request_id(&http), "h");
+        http.id = "e".into();
+        assert_eq!(request_id(&http), "e");
+    }
+}

@@ -1,0 +1,264 @@
+//! Decisions as data, and the one table that turns them into what Envoy, the client and
+//! the logs see.
+
+use tokensmith_proto::envoy::{
+    config::core::v3::{HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction},
+    service::auth::v3::{
+        CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
+    },
+    r#type::v3::{HttpStatus, StatusCode},
+};
+use tokensmith_proto::google::rpc::Status;
+
+use crate::{cluster::Cluster, secret::ExchangedToken};
+
+/// Why a request was refused. `Check` answers each with an OK RPC carrying a
+/// `DeniedHttpResponse` and a matching non-OK `status`, so Envoy treats it as a denial
+/// (never as a transport error subject to fail-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No `authorization` header.
+    MissingToken,
+    /// An `authorization` header that is not `Bearer <token>`.
+    MalformedToken,
+    /// The workload cluster does not accept the token (bad, expired, foreign, revoked).
+    InvalidToken,
+    /// The token is valid but belongs to a user that is not a service account.
+    NotServiceAccount,
+    /// A service-account username whose namespace or name is not a valid name.
+    InvalidServiceAccountName,
+    /// No service account of that namespace/name in the management cluster.
+    UnknownServiceAccount,
+    /// The management cluster refused to mint a token for that service account.
+    ExchangeForbidden,
+    /// A cluster did not answer within the Check's budget.
+    DeadlineExceeded(Cluster),
+    /// A cluster is unreachable, overloaded, failing or refuses our own credentials.
+    Unavailable(Cluster),
+}
+
+/// gRPC codes used in `CheckResponse.status` (google.rpc.Code).
+mod code {
+    pub const OK: i32 = 0;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const UNAVAILABLE: i32 = 14;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
+
+impl DenyReason {
+    /// The HTTP status the client sees and the gRPC code Envoy reads.
+    pub fn status(self) -> (StatusCode, i32) {
+        use DenyReason::*;
+        match self {
+            MissingToken | MalformedToken | InvalidToken => {
+                (StatusCode::Unauthorized, code::UNAUTHENTICATED)
+            }
+            NotServiceAccount
+            | InvalidServiceAccountName
+            | UnknownServiceAccount
+            | ExchangeForbidden => (StatusCode::Forbidden, code::PERMISSION_DENIED),
+            DeadlineExceeded(_) | Unavailable(_) => {
+                (StatusCode::ServiceUnavailable, code::UNAVAILABLE)
+            }
+        }
+    }
+
+    /// The reason as logged (`reason` field): stable, snake_case.
+    pub fn as_str(self) -> &'static str {
+        use DenyReason::*;
+        match self {
+            MissingToken => "missing_token",
+            MalformedToken => "malformed_token",
+            InvalidToken => "invalid_token",
+            NotServiceAccount => "not_service_account",
+            InvalidServiceAccountName => "invalid_service_account_name",
+            UnknownServiceAccount => "unknown_service_account",
+            ExchangeForbidden => "exchange_forbidden",
+            DeadlineExceeded(_) => "deadline_exceeded",
+            Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The short body the client reads. Never holds a token.
+    pub fn body(self) -> &'static str {
+        use DenyReason::*;
+        match self {
+            MissingToken => "missing bearer token",
+            MalformedToken => "malformed bearer token",
+            InvalidToken => "invalid or expired token",
+            NotServiceAccount => "token does not belong to a service account",
+            InvalidServiceAccountName => "service account name is not valid",
+            UnknownServiceAccount => "service account not found in the management cluster",
+            ExchangeForbidden => "token exchange forbidden",
+            DeadlineExceeded(_) => "identity service timed out",
+            Unavailable(_) => "identity service unavailable",
+        }
+    }
+
+    /// The cluster involved, for reasons that are about one.
+    pub fn cluster(self) -> Option<Cluster> {
+        match self {
+            DenyReason::DeadlineExceeded(c) | DenyReason::Unavailable(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// `www-authenticate` for 401s (RFC 6750 §3): no error code when no token was sent.
+    fn challenge(self) -> Option<&'static str> {
+        match self {
+            DenyReason::MissingToken => Some("Bearer"),
+            DenyReason::MalformedToken | DenyReason::InvalidToken => {
+                Some("Bearer error=\"invalid_token\"")
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            raw_value: Vec::new(),
+        }),
+        // `append` stays unset: older Envoy reads only it (unset → overwrite), newer reads
+        // append_action. Both then overwrite.
+        append: None,
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        keep_empty_value: false,
+    }
+}
+
+/// Allow: replace `authorization` with the management token.
+pub fn allow(token: &ExchangedToken) -> CheckResponse {
+    CheckResponse {
+        status: Some(Status {
+            code: code::OK,
+            message: String::new(),
+            details: Vec::new(),
+        }),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: vec![header(
+                "authorization",
+                format!("Bearer {}", token.expose()),
+            )],
+            headers_to_remove: Vec::new(),
+        })),
+    }
+}
+
+/// Deny with the status, challenge and body of `reason`.
+pub fn deny(reason: DenyReason) -> CheckResponse {
+    let (http, grpc) = reason.status();
+    let mut headers = vec![header(
+        "content-type",
+        "text/plain; charset=utf-8".to_owned(),
+    )];
+    if let Some(challenge) = reason.challenge() {
+        headers.push(header("www-authenticate", challenge.to_owned()));
+    }
+    CheckResponse {
+        status: Some(Status {
+            code: grpc,
+            message: reason.as_str().to_owned(),
+            details: Vec::new(),
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: http as i32 }),
+            headers,
+            body: reason.body().to_owned(),
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn denied(reason: DenyReason) -> (i32, i32, Vec<(String, String)>, String) {
+        let response = deny(reason);
+        let Some(HttpResponse::DeniedResponse(d)) = response.http_response else {
+            panic!("not a denial")
+        };
+        let headers = d
+            .headers
+            .into_iter()
+            .map(|h| {
+                let h = h.header.unwrap();
+                (h.key, h.value)
+            })
+            .collect();
+        (
+            response.status.unwrap().code,
+            d.status.unwrap().code,
+            headers,
+            d.body,
+        )
+    }
+
+    #[test]
+    fn every_reason_maps_to_its_status_and_grpc_code() {
+        use DenyReason::*;
+        let table = [
+            (MissingToken, 401, 16),
+            (MalformedToken, 401, 16),
+            (InvalidToken, 401, 16),
+            (NotServiceAccount, 403, 7),
+            (InvalidServiceAccountName, 403, 7),
+            (UnknownServiceAccount, 403, 7),
+            (ExchangeForbidden, 403, 7),
+            (DeadlineExceeded(Cluster::Workload), 503, 14),
+            (Unavailable(Cluster::Management), 503, 14),
+        ];
+        for (reason, http, grpc) in table {
+            let (got_grpc, got_http, _, body) = denied(reason);
+            assert_eq!((got_http, got_grpc), (http, grpc), "{reason}");
+            assert!(!body.is_empty());
+        }
+    }
+
+    #[test]
+    fn unauthorized_denials_carry_a_bearer_challenge() {
+        let (_, _, headers, _) = denied(DenyReason::MissingToken);
+        assert!(headers.contains(&("www-authenticate".into(), "Bearer".into())));
+        let (_, _, headers, _) = denied(DenyReason::InvalidToken);
+        assert!(headers.contains(&(
+            "www-authenticate".into(),
+            "Bearer error=\"invalid_token\"".into()
+        )));
+        let (_, _, headers, _) = denied(DenyReason::ExchangeForbidden);
+        assert!(!headers.iter().any(|(k, _)| k == "www-authenticate"));
+    }
+
+    #[test]
+    fn allow_overwrites_authorization_without_append() {
+        let response = allow(&ExchangedToken::new("mgmt".into(), SystemTime::UNIX_EPOCH));
+        assert_eq!(response.status.unwrap().code, 0);
+        let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
+            panic!("not an allow")
+        };
+        assert!(ok.headers_to_remove.is_empty());
+        let [option] = ok.headers.as_slice() else {
+            panic!("one header")
+        };
+        assert_eq!(option.append, None);
+        assert_eq!(
+            option.append_action,
+            HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+        );
+        let h = option.header.as_ref().unwrap();
+        assert_eq!(
+            (h.key.as_str(), h.value.as_str()),
+            ("authorization", "Bearer mgmt")
+        );
+    }
+}

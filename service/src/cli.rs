@@ -1,0 +1,204 @@
+//! The command line, compatible with the original Go tool (`authz`, `serve`, `greet`,
+//! `version`). Every flag can also come from a `TOKENSMITH_*` environment variable.
+
+use std::{net::IpAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Tokensmith: exchange workload-cluster service-account tokens for management-cluster ones.
+#[derive(Debug, Parser)]
+#[command(name = "tokensmith", version, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level.
+    #[arg(long, global = true, env = "TOKENSMITH_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+    /// Log format.
+    #[arg(long, global = true, env = "TOKENSMITH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Envoy ext_authz gRPC server that exchanges tokens.
+    Authz(AuthzArgs),
+    /// Run the demo greet gRPC service.
+    Serve(ServeArgs),
+    /// Call the demo greet service and print its answer.
+    Greet(GreetArgs),
+    /// Print the version.
+    Version,
+}
+
+/// Flags of `tokensmith authz`.
+#[derive(Debug, Clone, Args)]
+pub struct AuthzArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TOKENSMITH_ADDR", default_value = "0.0.0.0")]
+    pub addr: IpAddr,
+    /// gRPC port to listen on.
+    #[arg(long, env = "TOKENSMITH_PORT", default_value_t = 9001)]
+    pub port: u16,
+    /// Kubeconfig of the workload cluster (TokenReview); empty means in-cluster.
+    #[arg(long, env = "TOKENSMITH_WORKLOAD_KUBECONFIG", default_value = "")]
+    pub workload_kubeconfig: String,
+    /// Kubeconfig of the management cluster (TokenRequest); empty means in-cluster.
+    #[arg(long, env = "TOKENSMITH_MANAGEMENT_KUBECONFIG", default_value = "")]
+    pub management_kubeconfig: String,
+    /// Longest lifetime of an exchanged token (seconds, or with a unit: 90m, 1h); also
+    /// capped by the workload token's remaining life, never below 600 s.
+    #[arg(long, env = "TOKENSMITH_TOKEN_EXPIRATION", default_value = "3600", value_parser = parse_duration)]
+    pub token_expiration: Duration,
+    /// Audience of the exchanged tokens (repeatable or comma-separated); none means the
+    /// management API server's own audiences.
+    #[arg(
+        long = "audiences",
+        env = "TOKENSMITH_AUDIENCES",
+        value_delimiter = ','
+    )]
+    pub audiences: Vec<String>,
+    /// Time limit for the Kubernetes calls of one check (seconds, or 500ms, 2s); Envoy's
+    /// own deadline (grpc-timeout) applies when sooner.
+    #[arg(long, env = "TOKENSMITH_KUBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub kube_timeout: Duration,
+}
+
+/// Flags of `tokensmith serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TOKENSMITH_SERVE_ADDR", default_value = "0.0.0.0")]
+    pub addr: IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "TOKENSMITH_SERVE_PORT", default_value_t = 8080)]
+    pub port: u16,
+}
+
+/// Flags of `tokensmith greet`.
+#[derive(Debug, Clone, Args)]
+pub struct GreetArgs {
+    /// Name to greet.
+    #[arg(long, env = "TOKENSMITH_GREET_NAME", default_value = "World")]
+    pub name: String,
+    /// URL of the greet service.
+    #[arg(
+        long,
+        env = "TOKENSMITH_GREET_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+}
+
+/// Log levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Everything, including per-call detail.
+    Debug,
+    /// Decisions and lifecycle.
+    Info,
+    /// Problems that need attention.
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Parses `3600`, `3600s`, `500ms`, `90m` or `1h`; a plain number is seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration (e.g. 3600, 30s, 500ms, 10m, 1h)"))?;
+    let duration = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{value:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_and_without_units() {
+        assert_eq!(parse_duration("3600"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+    }
+
+    #[test]
+    fn bad_durations_say_what_is_wrong() {
+        assert!(parse_duration("").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("-1").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("5d")
+                .unwrap_err()
+                .contains("unknown unit \"d\"")
+        );
+    }
+
+    #[test]
+    fn authz_defaults_match_the_original_tool() {
+        let cli = Cli::try_parse_from(["tokensmith", "authz"]).unwrap();
+        let Command::Authz(a) = cli.command else {
+            panic!("authz")
+        };
+        assert_eq!(a.addr.to_string(), "0.0.0.0");
+        assert_eq!(a.port, 9001);
+        assert_eq!(a.workload_kubeconfig, "");
+        assert_eq!(a.token_expiration, Duration::from_secs(3600));
+        assert_eq!(a.kube_timeout, Duration::from_secs(5));
+        assert!(a.audiences.is_empty());
+        assert_eq!(
+            (cli.log_level, cli.log_format),
+            (LogLevel::Info, LogFormat::Json)
+        );
+    }
+
+    #[test]
+    fn audiences_repeat_or_split_on_commas() {
+        let cli = Cli::try_parse_from([
+            "tokensmith",
+            "authz",
+            "--audiences",
+            "a,b",
+            "--audiences",
+            "c",
+        ])
+        .unwrap();
+        let Command::Authz(a) = cli.command else {
+            panic!("authz")
+        };
+        assert_eq!(a.audiences, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

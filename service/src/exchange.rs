@@ -1,0 +1,117 @@
+//! TokenRequest against the management cluster, and the rule that bounds the exchanged
+//! token's lifetime by the workload token's.
+
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::ServiceAccount,
+};
+use kube::api::{Api, PostParams};
+
+use crate::{
+    authz::{Denial, decision::DenyReason},
+    cluster::{self, Cluster},
+    identity::ServiceAccountRef,
+    secret::ExchangedToken,
+};
+
+/// The shortest lifetime the TokenRequest API accepts (`expirationSeconds` ≥ 600).
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The lifetime to request: `configured`, cut to what is left of the workload token,
+/// but never below the API's 600 s minimum. So an exchanged token outlives the workload
+/// token by at most that floor.
+pub fn bounded_lifetime(configured: Duration, remaining: Option<Duration>) -> Duration {
+    let wanted = remaining.map_or(configured, |r| configured.min(r));
+    wanted.max(MIN_TOKEN_LIFETIME)
+}
+
+/// Mints management-cluster tokens with the TokenRequest API.
+#[derive(Clone)]
+pub struct Exchanger {
+    client: kube::Client,
+    audiences: Vec<String>,
+}
+
+impl Exchanger {
+    /// An exchanger using `client` (built for the management cluster). Empty `audiences`
+    /// leaves the choice to the API server (its own API audiences).
+    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
+        Self { client, audiences }
+    }
+
+    /// Asks for a token of `service_account` valid for `lifetime`. No GET first: a 404
+    /// from the TokenRequest itself says the service account does not exist.
+    pub async fn exchange(
+        &self,
+        service_account: &ServiceAccountRef,
+        lifetime: Duration,
+    ) -> Result<ExchangedToken, Denial> {
+        let api: Api<ServiceAccount> =
+            Api::namespaced(self.client.clone(), service_account.namespace());
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: self.audiences.clone(),
+                expiration_seconds: Some(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)),
+                bound_object_ref: None,
+            },
+            ..Default::default()
+        };
+        let response = api
+            .create_token_request(service_account.name(), &PostParams::default(), &request)
+            .await
+            .map_err(|e| Denial {
+                reason: cluster::classify(
+                    &e,
+                    Cluster::Management,
+                    Some(DenyReason::UnknownServiceAccount),
+                    Some(DenyReason::ExchangeForbidden),
+                ),
+                detail: Some(cluster::describe(&e)),
+            })?;
+        let status = response
+            .status
+            .filter(|s| !s.token.is_empty())
+            .ok_or(Denial {
+                reason: DenyReason::Unavailable(Cluster::Management),
+                detail: Some("TokenRequest answered without a token".to_owned()),
+            })?;
+        // The API may shorten what we asked for: trust its timestamp, not our request.
+        let expires_at = SystemTime::from(status.expiration_timestamp.0);
+        Ok(ExchangedToken::new(status.token, expires_at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn configured_lifetime_applies_to_long_lived_workload_tokens() {
+        assert_eq!(bounded_lifetime(HOUR, Some(HOUR * 5)), HOUR);
+        assert_eq!(bounded_lifetime(HOUR, None), HOUR);
+    }
+
+    #[test]
+    fn remaining_workload_life_caps_the_exchanged_token() {
+        assert_eq!(
+            bounded_lifetime(HOUR, Some(Duration::from_secs(900))),
+            Duration::from_secs(900)
+        );
+    }
+
+    #[test]
+    fn the_api_minimum_is_a_floor() {
+        assert_eq!(
+            bounded_lifetime(HOUR, Some(Duration::from_secs(30))),
+            MIN_TOKEN_LIFETIME
+        );
+        assert_eq!(
+            bounded_lifetime(HOUR, Some(Duration::ZERO)),
+            MIN_TOKEN_LIFETIME
+        );
+    }
+}
