@@ -202,3 +202,46 @@ mod tests {
         Cli::command().debug_assert();
     }
 }
+
+#[cfg(test)]
+mod readme {
+    //! The README's flag table must match `tokensmith authz --help`.
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn readme_flag_table_matches_the_authz_command() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Configuration (`tokensmith authz`)")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has the configuration section");
+        let mut documented: Vec<(String, String)> = section
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(|c| c.trim().trim_matches('`')).collect();
+                (cells[1].to_owned(), cells[2].to_owned())
+            })
+            .collect();
+        documented.sort();
+
+        let cli = Cli::command();
+        let authz = cli.find_subcommand("authz").expect("authz subcommand");
+        let mut actual: Vec<(String, String)> = authz
+            .get_arguments()
+            .chain(cli.get_arguments())
+            .filter_map(|a| {
+                let long = a.get_long()?;
+                let env = a.get_env()?.to_string_lossy().into_owned();
+                Some((format!("--{long}"), env))
+            })
+            .collect();
+        actual.sort();
+        actual.dedup();
+        assert_eq!(documented, actual);
+    }
+}
