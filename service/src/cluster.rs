@@ -53,7 +53,10 @@ impl ClusterSource {
     }
 }
 
-/// Builds a client whose every response must arrive within `timeout` and that never
+/// How much later than `--kube-timeout` the client's own timeouts fire.
+const BACKSTOP_MARGIN: Duration = Duration::from_millis(500);
+
+/// Builds a client whose every response must arrive shortly after `timeout` and that never
 /// retries on its own: a Check has one budget, and a 429/503 from an API server is
 /// better answered with a 503 now than retried into the caller's deadline (and into an
 /// API server that is already overloaded).
@@ -81,9 +84,12 @@ pub async fn client(
             kube::Config::incluster().map_err(|source| Error::InCluster { cluster, source })?
         }
     };
-    config.connect_timeout = Some(timeout);
-    config.read_timeout = Some(timeout);
-    config.write_timeout = Some(timeout);
+    // Each Check bounds its calls with its own deadline (≤ `timeout`); these are a
+    // backstop for everything else, set a little later so the deadline fires first.
+    let backstop = timeout + BACKSTOP_MARGIN;
+    config.connect_timeout = Some(backstop);
+    config.read_timeout = Some(backstop);
+    config.write_timeout = Some(backstop);
     config.default_retry = false;
     kube::Client::try_from(config).map_err(|source| Error::Client { cluster, source })
 }
@@ -103,8 +109,25 @@ pub fn classify(
             403 => forbidden.unwrap_or(DenyReason::Unavailable(cluster)),
             _ => DenyReason::Unavailable(cluster),
         },
+        other if timed_out(other) => DenyReason::DeadlineExceeded(cluster),
         _ => DenyReason::Unavailable(cluster),
     }
+}
+
+/// Whether a transport error is the client's own timeout firing (the backstop timeouts
+/// set in [`client`]).
+fn timed_out(error: &kube::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// A log-safe description of a failed call: the API's status message, or the error
@@ -182,6 +205,16 @@ mod tests {
             DenyReason::Unavailable(Cluster::Workload)
         );
         assert!(describe(&error).contains("connection refused"));
+    }
+
+    #[test]
+    fn the_clients_own_timeout_is_a_deadline() {
+        let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let error = kube::Error::Service(Box::new(timeout));
+        assert_eq!(
+            classify(&error, Cluster::Management, None, None),
+            DenyReason::DeadlineExceeded(Cluster::Management)
+        );
     }
 
     #[test]

@@ -1,1 +1,5 @@
+//! End-to-end tests: one test binary, one module per component under test.
 
+mod companion;
+mod envoy;
+mod fake_apiserver;

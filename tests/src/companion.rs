@@ -1,0 +1,207 @@
+//! The real `tokensmith authz` binary as a child process, and a gRPC client that talks
+//! to it the way Envoy's ext_authz filter does.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use tokensmith_proto::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse,
+    attribute_context::{HttpRequest, Request},
+    authorization_client::AuthorizationClient,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::{
+    Error,
+    process::{ChildProcess, tokensmith_bin},
+};
+
+/// How long a companion may take to listen and report SERVING.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running companion.
+pub struct Companion {
+    /// Where it listens (127.0.0.1, a free port it chose).
+    pub addr: SocketAddr,
+    process: ChildProcess,
+    channel: Channel,
+}
+
+impl Companion {
+    /// Starts `tokensmith authz` on 127.0.0.1 port 0 against the two kubeconfigs, with
+    /// `extra` flags, and waits until it listens. JSON logs at debug level are captured.
+    pub async fn start(
+        workload_kubeconfig: &Path,
+        management_kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Self, Error> {
+        let mut command = tokio::process::Command::new(tokensmith_bin()?);
+        command
+            .args([
+                "authz",
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-level",
+                "debug",
+                "--log-format",
+                "json",
+            ])
+            .arg("--workload-kubeconfig")
+            .arg(workload_kubeconfig)
+            .arg("--management-kubeconfig")
+            .arg(management_kubeconfig)
+            .args(extra)
+            // Nothing from the developer's environment may steer the test.
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TOKENSMITH_") {
+                command.env_remove(key);
+            }
+        }
+        let mut process = ChildProcess::spawn("tokensmith authz", command)?;
+        let addr = process
+            .wait_for_line(START_TIMEOUT, |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                (v["message"] == "ext_authz server listening")
+                    .then(|| v["addr"].as_str()?.parse().ok())?
+            })
+            .await?;
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Process(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| Error::Process(format!("connect to companion: {e}")))?;
+        Ok(Self {
+            addr,
+            process,
+            channel,
+        })
+    }
+
+    /// Starts the companion and waits for gRPC health SERVING.
+    pub async fn start_serving(
+        workload: &Path,
+        management: &Path,
+        extra: &[&str],
+    ) -> Result<Self, Error> {
+        let companion = Self::start(workload, management, extra).await?;
+        companion
+            .wait_health(ServingStatus::Serving, START_TIMEOUT)
+            .await?;
+        Ok(companion)
+    }
+
+    /// The health status of `service` ("" is the whole server).
+    pub async fn health(&self, service: &str) -> Result<ServingStatus, Error> {
+        let response = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(|e| Error::Process(format!("health check: {e}")))?;
+        Ok(response.into_inner().status())
+    }
+
+    /// Polls health until it is `want` (use sparingly: prefer events).
+    pub async fn wait_health(&self, want: ServingStatus, timeout: Duration) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = self.health("").await?;
+            if now == want {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Process(format!(
+                    "health stayed {now:?}, wanted {want:?}:\n{}",
+                    self.logs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a Check shaped like Envoy's for a GET with these request headers.
+    pub async fn check(&self, headers: &[(&str, &str)]) -> Result<CheckResponse, tonic::Status> {
+        self.check_request(envoy_like_check(headers), None).await
+    }
+
+    /// Sends `request`, with a `grpc-timeout` when `timeout` is set (as Envoy does).
+    pub async fn check_request(
+        &self,
+        request: CheckRequest,
+        timeout: Option<Duration>,
+    ) -> Result<CheckResponse, tonic::Status> {
+        let mut request = tonic::Request::new(request);
+        if let Some(t) = timeout {
+            request.set_timeout(t);
+        }
+        let response = AuthorizationClient::new(self.channel.clone())
+            .check(request)
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// An ext_authz client of its own (for calls that outlive a borrow of `self`).
+    pub fn client(&self) -> AuthorizationClient<Channel> {
+        AuthorizationClient::new(self.channel.clone())
+    }
+
+    /// Everything the companion logged so far.
+    pub fn logs(&self) -> String {
+        self.process.logs()
+    }
+
+    /// The companion's log lines parsed as JSON (non-JSON lines skipped).
+    pub fn log_records(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The process, to signal it.
+    pub fn process(&mut self) -> &mut ChildProcess {
+        &mut self.process
+    }
+}
+
+/// A CheckRequest as Envoy's ext_authz filter builds it: lower-case header keys, the
+/// pseudo-headers and `x-request-id` included.
+pub fn envoy_like_check(headers: &[(&str, &str)]) -> CheckRequest {
+    let mut map: std::collections::HashMap<String, String> = [
+        (":method", "GET"),
+        (":path", "/api/v1/namespaces/app-prod/secrets"),
+        (":authority", "mgmt-api.example.com"),
+        ("x-request-id", "req-1"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    for (k, v) in headers {
+        map.insert(k.to_ascii_lowercase(), (*v).to_owned());
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    id: map.get("x-request-id").cloned().unwrap_or_default(),
+                    method: "GET".into(),
+                    path: "/api/v1/namespaces/app-prod/secrets".into(),
+                    host: "mgmt-api.example.com".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    size: -1,
+                    headers: map,
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+}

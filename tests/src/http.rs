@@ -1,0 +1,101 @@
+//! A minimal HTTP/1.1 client for talking to Envoy in tests: one connection per call,
+//! or a reusable connection for load.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, body::Bytes, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+
+use crate::Error;
+
+/// What the client received.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// Body as text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// A header's value as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// One HTTP/1.1 connection.
+pub struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+}
+
+impl Connection {
+    /// Connects to `addr`.
+    pub async fn open(addr: SocketAddr) -> Result<Self, Error> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| Error::Http(format!("connect {addr}: {e}")))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Http(format!("handshake {addr}: {e}")))?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    /// Sends a GET for `path` with `headers` and reads the whole answer (10 s limit).
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HttpResponse, Error> {
+        let mut request = Request::get(path).header("host", "mgmt-api.example.com");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| Error::Http(e.to_string()))?;
+        let exchange = async {
+            self.sender
+                .ready()
+                .await
+                .map_err(|e| Error::Http(e.to_string()))?;
+            let response = self
+                .sender
+                .send_request(request)
+                .await
+                .map_err(|e| Error::Http(e.to_string()))?;
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Error::Http(e.to_string()))?
+                .to_bytes();
+            Ok(HttpResponse {
+                status,
+                headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .map_err(|_| Error::Http(format!("no answer to GET {path} within 10 s")))?
+    }
+}
+
+/// Sends one GET on a new connection.
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpResponse, Error> {
+    Connection::open(addr).await?.get(path, headers).await
+}

@@ -1,0 +1,214 @@
+//! Child processes for tests: output captured line by line, SIGTERM to stop, killed when
+//! dropped (also on panic), and their logs printed when a test fails.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    process::{Child, Command},
+    sync::watch,
+};
+
+use crate::Error;
+
+/// A running child process whose stdout and stderr are collected.
+pub struct ChildProcess {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: watch::Receiver<usize>,
+}
+
+impl ChildProcess {
+    /// Spawns `command` with piped output. The process is killed when this is dropped.
+    pub fn spawn(name: &str, mut command: Command) -> Result<Self, Error> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(|e| Error::Process(format!("{name}: cannot spawn: {e}")))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, changed) = watch::channel(0);
+        let tx = Arc::new(tx);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(collect(out, lines.clone(), tx.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(collect(err, lines.clone(), tx));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines,
+            changed,
+        })
+    }
+
+    /// Everything the process wrote so far, one line per line.
+    pub fn logs(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits until some output line satisfies `pick`, and returns what it picked.
+    pub async fn wait_for_line<T>(
+        &mut self,
+        timeout: Duration,
+        pick: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .ok()
+                .and_then(|lines| lines.iter().find_map(|l| pick(l)));
+            if let Some(found) = found {
+                return Ok(found);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::Process(format!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.logs()
+                )));
+            }
+            if tokio::time::timeout_at(deadline, self.changed.changed())
+                .await
+                .is_err()
+            {
+                return Err(Error::Process(format!(
+                    "{} not ready within {timeout:?}:\n{}",
+                    self.name,
+                    self.logs()
+                )));
+            }
+        }
+    }
+
+    /// Fails when the process has exited or `deadline` has passed (for readiness loops).
+    pub fn ensure_running(&mut self, deadline: tokio::time::Instant) -> Result<(), Error> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(Error::Process(format!(
+                "{} exited ({status}):\n{}",
+                self.name,
+                self.logs()
+            )));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Process(format!(
+                "{} not ready in time:\n{}",
+                self.name,
+                self.logs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for the exit; kills it after that.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus, Error> {
+        if let Some(pid) = self.child.id() {
+            // `kill` keeps this crate free of unsafe libc calls.
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status.map_err(|e| Error::Process(format!("{}: {e}", self.name))),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(Error::Process(format!(
+                    "{} ignored SIGTERM for {grace:?}",
+                    self.name
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} output -----\n{}\n----- end of {} -----",
+                self.name,
+                self.logs(),
+                self.name
+            );
+        }
+    }
+}
+
+async fn collect(
+    stream: impl AsyncRead + Unpin,
+    lines: Arc<Mutex<Vec<String>>>,
+    tx: Arc<watch::Sender<usize>>,
+) {
+    let mut reader = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = reader.next_line().await {
+        if let Ok(mut l) = lines.lock() {
+            l.push(line);
+            tx.send_replace(l.len());
+        }
+    }
+}
+
+/// The workspace root (where `Cargo.toml` with `[workspace]` is).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Path of the `tokensmith` binary, built first (once per test process) so tests never
+/// run a stale one. It sits next to the running test binary's profile directory.
+pub fn tokensmith_bin() -> Result<PathBuf, Error> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = std::process::Command::new(cargo)
+                // The same selection as `make build`, so features unify the same way and
+                // nothing is compiled twice.
+                .args(["build", "--quiet", "--workspace", "--bins"])
+                .current_dir(workspace_root())
+                .status()
+                .map_err(|e| format!("cannot run cargo build: {e}"))?;
+            if !status.success() {
+                return Err(format!("cargo build --workspace --bins failed: {status}"));
+            }
+            let bin = profile_dir()?.join("tokensmith");
+            if bin.is_file() {
+                Ok(bin)
+            } else {
+                Err(format!("{} missing after cargo build", bin.display()))
+            }
+        })
+        .clone()
+        .map_err(Error::Process)
+}
+
+/// `target/<profile>` of the running executable (tests live in `target/<profile>/deps`,
+/// binaries in `target/<profile>`).
+fn profile_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let dir = exe.parent().ok_or("executable has no directory")?;
+    Ok(if dir.ends_with("deps") {
+        dir.parent().ok_or("deps has no parent")?.to_path_buf()
+    } else {
+        dir.to_path_buf()
+    })
+}

@@ -1,0 +1,657 @@
+//! The real `tokensmith authz` binary over gRPC against two fake API servers: the
+//! exchange, every denial, time limits, health, shutdown and the no-token-in-logs rule.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use tokensmith_proto::envoy::{
+    config::core::v3::{HeaderMap, HeaderValue, header_value_option::HeaderAppendAction},
+    service::auth::v3::{CheckResponse, check_response::HttpResponse},
+};
+use tokensmith_tests::{
+    Endpoint, FakeCluster, Fault, Rights, ServiceAccount,
+    companion::{Companion, envoy_like_check},
+};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Two clusters with `app-prod/eso-sa` in both, and a companion between them.
+pub struct World {
+    pub workload: FakeCluster,
+    pub management: FakeCluster,
+    pub workload_sa: ServiceAccount,
+    pub management_sa: ServiceAccount,
+    pub companion: Companion,
+}
+
+impl World {
+    /// Starts everything; the companion with least-privilege callers on both sides.
+    pub async fn start(extra: &[&str]) -> Result<World> {
+        let workload = FakeCluster::start("workload").await?;
+        let management = FakeCluster::start("management").await?;
+        let workload_sa = workload.add_service_account("app-prod", "eso-sa");
+        let management_sa = management.add_service_account("app-prod", "eso-sa");
+        let reviewer = workload.kubeconfig_with(
+            "tokensmith-reviewer",
+            Rights {
+                token_review: true,
+                ..Rights::NONE
+            },
+        )?;
+        let minter = management.kubeconfig_with(
+            "tokensmith",
+            Rights {
+                token_request: true,
+                ..Rights::NONE
+            },
+        )?;
+        let companion = Companion::start_serving(&reviewer, &minter, extra).await?;
+        Ok(World {
+            workload,
+            management,
+            workload_sa,
+            management_sa,
+            companion,
+        })
+    }
+
+    /// A fresh workload token of `app-prod/eso-sa` living `lifetime`.
+    pub fn workload_token(&self, lifetime: Duration) -> String {
+        self.workload
+            .mint(&self.workload_sa)
+            .expiring_in(lifetime)
+            .sign()
+    }
+
+    pub async fn check_bearer(&self, token: &str) -> Result<CheckResponse> {
+        Ok(self
+            .companion
+            .check(&[("authorization", &format!("Bearer {token}"))])
+            .await?)
+    }
+}
+
+/// What a denial looks like on the wire.
+#[derive(Debug)]
+pub struct Denied {
+    pub grpc: i32,
+    pub http: i32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+pub fn denied(response: &CheckResponse) -> Result<Denied> {
+    let Some(HttpResponse::DeniedResponse(d)) = &response.http_response else {
+        bail!("expected a denial, got {:?}", response.status);
+    };
+    Ok(Denied {
+        grpc: response.status.as_ref().map_or(0, |s| s.code),
+        http: d.status.as_ref().map_or(0, |s| s.code),
+        headers: d
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref().map(|h| (h.key.clone(), h.value.clone())))
+            .collect(),
+        body: d.body.clone(),
+    })
+}
+
+/// The management token an allow puts in `authorization`.
+pub fn allowed_token(response: &CheckResponse) -> Result<String> {
+    let Some(HttpResponse::OkResponse(ok)) = &response.http_response else {
+        bail!("expected an allow, got status {:?}", response.status);
+    };
+    anyhow::ensure!(
+        response.status.as_ref().map_or(-1, |s| s.code) == 0,
+        "status not OK"
+    );
+    let [option] = ok.headers.as_slice() else {
+        bail!(
+            "expected exactly one header mutation, got {}",
+            ok.headers.len()
+        );
+    };
+    anyhow::ensure!(option.append.is_none(), "append must stay unset");
+    anyhow::ensure!(
+        option.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        "append_action must be OVERWRITE_IF_EXISTS_OR_ADD"
+    );
+    let header = option.header.as_ref().context("header")?;
+    anyhow::ensure!(header.key == "authorization", "header {}", header.key);
+    header
+        .value
+        .strip_prefix("Bearer ")
+        .map(str::to_owned)
+        .context("value is not `Bearer <token>`")
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The `check decided` records the companion logged.
+fn decisions(companion: &Companion) -> Vec<serde_json::Value> {
+    companion
+        .log_records()
+        .into_iter()
+        .filter(|r| r["message"] == "check decided")
+        .collect()
+}
+
+async fn assert_denied(
+    world: &World,
+    response: &CheckResponse,
+    http: i32,
+    grpc: i32,
+    reason: &str,
+) -> Result<Denied> {
+    let d = denied(response)?;
+    assert_eq!((d.http, d.grpc), (http, grpc), "{d:?}");
+    assert!(!d.body.is_empty());
+    // The decision line is written before the answer leaves the companion.
+    let last = decisions(&world.companion)
+        .pop()
+        .context("no decision logged")?;
+    assert_eq!(last["decision"], "deny");
+    assert_eq!(last["reason"], reason, "{last}");
+    Ok(d)
+}
+
+#[tokio::test]
+async fn exchange_keeps_namespace_and_name_and_uses_the_management_issuer() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let workload_token = world.workload_token(Duration::from_secs(7200));
+    let response = world.check_bearer(&workload_token).await?;
+    let exchanged = allowed_token(&response)?;
+    assert_ne!(exchanged, workload_token);
+
+    let w = world.workload.verify(&workload_token)?;
+    let m = world
+        .management
+        .verify(&exchanged)
+        .context("management must have signed it")?;
+    assert!(world.workload.verify(&exchanged).is_err());
+    assert_eq!(m.sub, w.sub);
+    assert_eq!(m.sub, "system:serviceaccount:app-prod:eso-sa");
+    assert_eq!(
+        (m.namespace.as_str(), m.service_account_name.as_str()),
+        ("app-prod", "eso-sa")
+    );
+    assert_eq!(m.iss, world.management.issuer());
+    assert_ne!(m.jti, w.jti);
+    assert_eq!(m.service_account_uid, world.management_sa.uid);
+    assert_ne!(m.service_account_uid, w.service_account_uid);
+    // No --audiences: the management API server's own audiences.
+    assert_eq!(m.aud, world.management.api_audiences());
+
+    // Exactly one TokenRequest, for the same namespace/name, for --token-expiration.
+    let requests: Vec<_> = world
+        .management
+        .calls()
+        .into_iter()
+        .filter(|c| c.endpoint == Endpoint::TokenRequest)
+        .collect();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(
+        requests[0].path,
+        "/api/v1/namespaces/app-prod/serviceaccounts/eso-sa/token"
+    );
+    assert_eq!(requests[0].caller.as_deref(), Some("tokensmith"));
+    let spec = requests[0].token_request.clone().context("spec recorded")?;
+    assert_eq!(spec.expiration_seconds, Some(3600));
+    assert!(spec.audiences.is_empty());
+    assert!(
+        (m.exp - now() - 3600).abs() <= 5,
+        "exp {} now {}",
+        m.exp,
+        now()
+    );
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
+
+    let line = decisions(&world.companion).pop().context("decision")?;
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["namespace"], "app-prod");
+    assert_eq!(line["service_account"], "eso-sa");
+    assert_eq!(line["uid"], world.workload_sa.uid.as_str());
+    assert_eq!(line["request_id"], "req-1");
+    assert!(line["latency_ms"].is_number());
+    Ok(())
+}
+
+#[tokio::test]
+async fn configured_audiences_are_requested_and_carried_by_the_exchanged_token() -> Result<()> {
+    let world = World::start(&["--audiences", "https://mgmt.example.com,vault"]).await?;
+    let response = world
+        .check_bearer(&world.workload_token(Duration::from_secs(3600)))
+        .await?;
+    let claims = world.management.verify(&allowed_token(&response)?)?;
+    assert_eq!(claims.aud, ["https://mgmt.example.com", "vault"]);
+    let spec = world
+        .management
+        .calls()
+        .into_iter()
+        .find_map(|c| c.token_request)
+        .context("request")?;
+    assert_eq!(spec.audiences, ["https://mgmt.example.com", "vault"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn lifetime_is_bounded_by_the_workload_token_with_the_api_minimum_as_floor() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let cases = [
+        // (workload token lifetime, expected requested lifetime)
+        (Duration::from_secs(900), 900),
+        (Duration::from_secs(120), 600),
+        (Duration::from_secs(4 * 3600), 3600),
+    ];
+    for (lifetime, want) in cases {
+        world.management.clear_calls();
+        let workload_token = world.workload_token(lifetime);
+        let w = world.workload.verify(&workload_token)?;
+        let m = world
+            .management
+            .verify(&allowed_token(&world.check_bearer(&workload_token).await?)?)?;
+        let spec = world
+            .management
+            .calls()
+            .into_iter()
+            .find_map(|c| c.token_request)
+            .context("request")?;
+        let asked = spec.expiration_seconds.context("expirationSeconds")?;
+        assert!(
+            (asked - want).abs() <= 2,
+            "workload {lifetime:?}: asked {asked}, want {want}"
+        );
+        // Never more than the 600 s floor past the workload token.
+        assert!(
+            m.exp <= w.exp.max(now() + 600) + 2,
+            "m.exp {} w.exp {}",
+            m.exp,
+            w.exp
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn warnafter_of_an_extended_token_bounds_the_lifetime() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let token = world
+        .workload
+        .mint(&world.workload_sa)
+        .expiring_in(Duration::from_secs(365 * 24 * 3600))
+        .warn_after(SystemTime::now() + Duration::from_secs(1200))
+        .sign();
+    allowed_token(&world.check_bearer(&token).await?)?;
+    let spec = world
+        .management
+        .calls()
+        .into_iter()
+        .find_map(|c| c.token_request)
+        .context("request")?;
+    let asked = spec.expiration_seconds.context("expirationSeconds")?;
+    assert!((asked - 1200).abs() <= 2, "asked {asked}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn service_account_missing_in_management_is_forbidden() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let ghost = world.workload.add_service_account("app-prod", "ghost");
+    let token = world.workload.mint(&ghost).sign();
+    let response = world.check_bearer(&token).await?;
+    let d = assert_denied(&world, &response, 403, 7, "unknown_service_account").await?;
+    assert_eq!(
+        d.body,
+        "service account not found in the management cluster"
+    );
+    let calls: Vec<_> = world
+        .management
+        .calls()
+        .into_iter()
+        .filter(|c| c.endpoint != Endpoint::Version)
+        .collect();
+    assert_eq!(
+        calls.len(),
+        1,
+        "only the TokenRequest, no GET first: {calls:?}"
+    );
+    assert_eq!(
+        (calls[0].endpoint, calls[0].status),
+        (Endpoint::TokenRequest, 404)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_workload_tokens_are_unauthorized() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let stranger = FakeCluster::start("stranger").await?;
+    let stranger_sa = stranger.add_service_account("app-prod", "eso-sa");
+    let cases = [
+        ("garbage", "not-a-jwt".to_owned()),
+        (
+            "expired",
+            world.workload.mint(&world.workload_sa).expired().sign(),
+        ),
+        ("foreign issuer", stranger.mint(&stranger_sa).sign()),
+        (
+            "wrong audience",
+            world
+                .workload
+                .mint(&world.workload_sa)
+                .audiences(vec!["elsewhere".into()])
+                .sign(),
+        ),
+    ];
+    for (what, token) in cases {
+        let response = world.check_bearer(&token).await?;
+        let d = assert_denied(&world, &response, 401, 16, "invalid_token")
+            .await
+            .context(what)?;
+        assert!(
+            d.headers.contains(&(
+                "www-authenticate".into(),
+                "Bearer error=\"invalid_token\"".into()
+            )),
+            "{what}: {d:?}"
+        );
+    }
+    assert_eq!(world.management.count(Endpoint::TokenRequest), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_of_a_deleted_service_account_is_unauthorized() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    world.workload.delete_service_account("app-prod", "eso-sa");
+    let response = world.check_bearer(&token).await?;
+    assert_denied(&world, &response, 401, 16, "invalid_token").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_user_that_is_not_a_service_account_is_forbidden() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let response = world
+        .check_bearer(&world.workload.mint_user("alice"))
+        .await?;
+    assert_denied(&world, &response, 403, 7, "not_service_account").await?;
+    assert_eq!(world.management.count(Endpoint::TokenRequest), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_or_malformed_headers_are_unauthorized_without_calling_kubernetes() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let response = world.companion.check(&[]).await?;
+    let d = assert_denied(&world, &response, 401, 16, "missing_token").await?;
+    assert!(
+        d.headers
+            .contains(&("www-authenticate".into(), "Bearer".into()))
+    );
+    assert_eq!(d.body, "missing bearer token");
+    for header in [
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "Bearer a b",
+        "bearer  x",
+        "Bearer a,Bearer b",
+    ] {
+        let response = world.companion.check(&[("authorization", header)]).await?;
+        assert_denied(&world, &response, 401, 16, "malformed_token")
+            .await
+            .context(header)?;
+    }
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn raw_header_list_from_encode_raw_headers_is_read() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    let mut request = envoy_like_check(&[]);
+    let http = request
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .context("http")?;
+    http.headers.clear();
+    http.header_map = Some(HeaderMap {
+        headers: vec![HeaderValue {
+            key: "authorization".into(),
+            value: String::new(),
+            raw_value: format!("Bearer {token}").into_bytes(),
+        }],
+    });
+    let response = world.companion.check_request(request, None).await?;
+    world.management.verify(&allowed_token(&response)?)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_service_unavailable() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    world.management.inject(Fault::Refuse);
+    let response = world.check_bearer(&token).await?;
+    assert_denied(&world, &response, 503, 14, "unavailable").await?;
+    world.management.clear_faults();
+
+    world.workload.inject(Fault::Refuse);
+    let response = world.check_bearer(&token).await?;
+    assert_denied(&world, &response, 503, 14, "unavailable").await?;
+    let line = decisions(&world.companion).pop().context("decision")?;
+    assert_eq!(line["cluster"], "workload");
+    assert_eq!(line["level"], "WARN");
+    Ok(())
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_service_unavailable_without_retries() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    for code in [429, 500, 503, 504] {
+        world.management.clear_calls();
+        world.management.inject(Fault::Status {
+            endpoint: Some(Endpoint::TokenRequest),
+            code,
+        });
+        let response = world.check_bearer(&token).await?;
+        assert_denied(&world, &response, 503, 14, "unavailable")
+            .await
+            .context(code)?;
+        // kube's own retry of 429/503/504 is off: one call per Check.
+        assert_eq!(
+            world.management.count(Endpoint::TokenRequest),
+            1,
+            "code {code}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn companion_credentials_refused_by_the_workload_cluster_are_service_unavailable()
+-> Result<()> {
+    let workload = FakeCluster::start("workload").await?;
+    let management = FakeCluster::start("management").await?;
+    let sa = workload.add_service_account("app-prod", "eso-sa");
+    management.add_service_account("app-prod", "eso-sa");
+    // Allowed to mint but not to review: a workload-side RBAC mistake, not the client's fault.
+    let no_review = workload.kubeconfig_with("tokensmith", Rights::NONE)?;
+    let companion = Companion::start_serving(&no_review, management.kubeconfig(), &[]).await?;
+    let response = companion
+        .check(&[(
+            "authorization",
+            &format!("Bearer {}", workload.mint(&sa).sign()),
+        )])
+        .await?;
+    let d = denied(&response)?;
+    assert_eq!((d.http, d.grpc), (503, 14));
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_request_forbidden_by_management_rbac_is_forbidden() -> Result<()> {
+    let workload = FakeCluster::start("workload").await?;
+    let management = FakeCluster::start("management").await?;
+    let sa = workload.add_service_account("app-prod", "eso-sa");
+    management.add_service_account("app-prod", "eso-sa");
+    let no_mint = management.kubeconfig_with("tokensmith", Rights::NONE)?;
+    let companion = Companion::start_serving(workload.kubeconfig(), &no_mint, &[]).await?;
+    let response = companion
+        .check(&[(
+            "authorization",
+            &format!("Bearer {}", workload.mint(&sa).sign()),
+        )])
+        .await?;
+    let d = denied(&response)?;
+    assert_eq!(
+        (d.http, d.grpc, d.body.as_str()),
+        (403, 7, "token exchange forbidden")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_api_server_runs_into_the_kube_timeout() -> Result<()> {
+    let world = World::start(&["--kube-timeout", "300ms"]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    world.workload.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenReview),
+        delay: Duration::from_secs(3),
+    });
+    let started = std::time::Instant::now();
+    let response = world.check_bearer(&token).await?;
+    let elapsed = started.elapsed();
+    assert_denied(&world, &response, 503, 14, "deadline_exceeded").await?;
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "answered after {elapsed:?}"
+    );
+    let line = decisions(&world.companion).pop().context("decision")?;
+    assert_eq!(line["cluster"], "workload");
+    Ok(())
+}
+
+#[tokio::test]
+async fn envoys_deadline_wins_over_a_longer_kube_timeout() -> Result<()> {
+    let world = World::start(&["--kube-timeout", "10s"]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    world.management.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenRequest),
+        delay: Duration::from_secs(5),
+    });
+    let request = envoy_like_check(&[("authorization", &format!("Bearer {token}"))]);
+    let started = std::time::Instant::now();
+    // grpc-timeout: 800 ms. The companion must answer (with its 503) before that.
+    let response = world
+        .companion
+        .check_request(request, Some(Duration::from_millis(800)))
+        .await?;
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_denied(&world, &response, 503, 14, "deadline_exceeded").await?;
+    let line = decisions(&world.companion).pop().context("decision")?;
+    assert_eq!(line["cluster"], "management");
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_is_not_serving_until_both_api_servers_answer() -> Result<()> {
+    let workload = FakeCluster::start("workload").await?;
+    let management = FakeCluster::start("management").await?;
+    management.inject(Fault::Refuse);
+    let companion = Companion::start(workload.kubeconfig(), management.kubeconfig(), &[]).await?;
+    assert_eq!(companion.health("").await?, ServingStatus::NotServing);
+    assert_eq!(
+        companion
+            .health("envoy.service.auth.v3.Authorization")
+            .await?,
+        ServingStatus::NotServing
+    );
+    management.clear_faults();
+    companion
+        .wait_health(ServingStatus::Serving, Duration::from_secs(15))
+        .await?;
+    assert_eq!(
+        companion
+            .health("envoy.service.auth.v3.Authorization")
+            .await?,
+        ServingStatus::Serving
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_check_finish_then_exits_cleanly() -> Result<()> {
+    let mut world = World::start(&[]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    world.management.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenRequest),
+        delay: Duration::from_millis(800),
+    });
+    let request = envoy_like_check(&[("authorization", &format!("Bearer {token}"))]);
+    let mut client = world.companion.client();
+    let in_flight = tokio::spawn(async move { client.check(request).await });
+    // Signal once the check is inside the companion (its TokenRequest has arrived).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while world.management.count(Endpoint::TokenRequest) == 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "check never reached the management API"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let exit = world
+        .companion
+        .process()
+        .terminate(Duration::from_secs(12))
+        .await?;
+    assert!(exit.success(), "exit {exit}");
+    let response = in_flight.await??.into_inner();
+    world.management.verify(&allowed_token(&response)?)?;
+    assert!(world.companion.logs().contains("\"draining\""));
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_token_or_part_of_one_reaches_any_log() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let good = world.workload_token(Duration::from_secs(3600));
+    let exchanged = allowed_token(&world.check_bearer(&good).await?)?;
+    let expired = world.workload.mint(&world.workload_sa).expired().sign();
+    world.check_bearer(&expired).await?;
+    let user = world.workload.mint_user("alice");
+    world.check_bearer(&user).await?;
+    world.workload.inject(Fault::Status {
+        endpoint: None,
+        code: 500,
+    });
+    world.check_bearer(&good).await?;
+    world
+        .companion
+        .check(&[("authorization", &format!("Basic {good}"))])
+        .await?;
+
+    let logs = world.companion.logs();
+    assert!(decisions(&world.companion).len() >= 5, "{logs}");
+    for token in [&good, &exchanged, &expired, &user] {
+        for part in std::iter::once(token.as_str()).chain(token.split('.')) {
+            assert!(
+                !logs.contains(part),
+                "a token segment appears in the companion's logs"
+            );
+        }
+    }
+    Ok(())
+}

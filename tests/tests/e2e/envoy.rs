@@ -1,0 +1,350 @@
+//! The companion path through a real Envoy, configured the way Istio's CUSTOM provider
+//! configures ext_authz: what the client and the upstream see.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use tokensmith_proto::envoy::{
+    config::core::v3::{HeaderValue, HeaderValueOption},
+    service::auth::v3::{
+        CheckRequest, CheckResponse, DeniedHttpResponse,
+        authorization_server::{Authorization, AuthorizationServer},
+        check_response::HttpResponse as CheckHttpResponse,
+    },
+    r#type::v3::HttpStatus,
+};
+use tokensmith_proto::google::rpc::Status;
+use tokensmith_tests::{
+    Endpoint, FakeCluster, Fault,
+    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter},
+    http::{self, HttpResponse},
+    upstream::Upstream,
+};
+
+use crate::companion::World;
+
+/// A World plus an upstream and an Envoy in front of the companion.
+struct Stage {
+    world: World,
+    upstream: Upstream,
+    envoy: Envoy,
+}
+
+impl Stage {
+    async fn start(extra: &[&str]) -> Result<Stage> {
+        let world = World::start(extra).await?;
+        let upstream = Upstream::start().await?;
+        let config = bootstrap(
+            vec![ext_authz_filter(&ExtAuthz::recommended(
+                world.companion.addr,
+            ))],
+            world.companion.addr,
+            upstream.addr,
+        );
+        Envoy::validate(&config).await?;
+        let envoy = Envoy::start(&config).await?;
+        Ok(Stage {
+            world,
+            upstream,
+            envoy,
+        })
+    }
+
+    async fn get(&self, token: Option<&str>) -> Result<HttpResponse> {
+        let header = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = header
+            .iter()
+            .map(|h| ("authorization", h.as_str()))
+            .collect();
+        Ok(http::get(
+            self.envoy.addr,
+            "/api/v1/namespaces/app-prod/secrets",
+            &headers,
+        )
+        .await?)
+    }
+}
+
+/// An address where nothing listens (bound, then released).
+async fn dead_address() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?)
+}
+
+#[tokio::test]
+async fn upstream_receives_a_management_token_never_the_workload_token() -> Result<()> {
+    let stage = Stage::start(&[]).await?;
+    let workload_token = stage.world.workload_token(Duration::from_secs(3600));
+    let reply = stage.get(Some(&workload_token)).await?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    let seen = stage.upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let forwarded = seen[0]
+        .header("authorization")
+        .strip_prefix("Bearer ")
+        .context("bearer upstream")?;
+    let claims = stage.world.management.verify(forwarded)?;
+    assert_eq!(claims.sub, "system:serviceaccount:app-prod:eso-sa");
+    assert_eq!(claims.service_account_uid, stage.world.management_sa.uid);
+    for (name, value) in &seen[0].headers {
+        for part in workload_token.split('.') {
+            assert!(
+                !value.contains(part),
+                "workload token segment in upstream header {name}"
+            );
+        }
+    }
+    assert_eq!(stage.envoy.stat("http.ingress.ext_authz.ok").await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn denials_reach_the_client_and_never_the_upstream() -> Result<()> {
+    let stage = Stage::start(&[]).await?;
+    let w = &stage.world.workload;
+    let stranger = FakeCluster::start("stranger").await?;
+    let stranger_sa = stranger.add_service_account("app-prod", "eso-sa");
+    let ghost = w.add_service_account("app-prod", "ghost");
+    let cases: Vec<(&str, Option<String>, u16)> = vec![
+        ("missing header", None, 401),
+        ("garbage", Some("garbage".into()), 401),
+        (
+            "expired",
+            Some(w.mint(&stage.world.workload_sa).expired().sign()),
+            401,
+        ),
+        (
+            "foreign issuer",
+            Some(stranger.mint(&stranger_sa).sign()),
+            401,
+        ),
+        ("not a service account", Some(w.mint_user("alice")), 403),
+        ("missing in management", Some(w.mint(&ghost).sign()), 403),
+    ];
+    for (what, token, status) in &cases {
+        let reply = stage.get(token.as_deref()).await?;
+        assert_eq!(reply.status, *status, "{what}: {}", reply.body);
+        assert!(!reply.body.is_empty(), "{what}: a short reason in the body");
+        if *status == 401 {
+            assert!(
+                reply.header("www-authenticate").starts_with("Bearer"),
+                "{what}"
+            );
+        }
+    }
+    let malformed = http::get(stage.envoy.addr, "/", &[("authorization", "Token abc")]).await?;
+    assert_eq!(malformed.status, 401);
+    assert_eq!(stage.upstream.count(), 0, "the upstream must not be called");
+    assert_eq!(
+        stage.envoy.stat("http.ingress.ext_authz.denied").await?,
+        cases.len() as u64 + 1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_servers_down_or_slow_are_service_unavailable() -> Result<()> {
+    let stage = Stage::start(&["--kube-timeout", "300ms"]).await?;
+    let token = stage.world.workload_token(Duration::from_secs(3600));
+
+    stage.world.workload.inject(Fault::Refuse);
+    let reply = stage.get(Some(&token)).await?;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (503, "identity service unavailable")
+    );
+    stage.world.workload.clear_faults();
+
+    stage.world.management.inject(Fault::Status {
+        endpoint: Some(Endpoint::TokenRequest),
+        code: 500,
+    });
+    assert_eq!(stage.get(Some(&token)).await?.status, 503);
+    stage.world.management.clear_faults();
+
+    stage.world.management.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenRequest),
+        delay: Duration::from_secs(2),
+    });
+    let reply = stage.get(Some(&token)).await?;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (503, "identity service timed out")
+    );
+    assert_eq!(stage.upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn companion_down_is_503_with_status_on_error_and_envoys_default_would_be_403() -> Result<()>
+{
+    let upstream = Upstream::start().await?;
+    let dead = dead_address().await?;
+    let recommended = Envoy::start(&bootstrap(
+        vec![ext_authz_filter(&ExtAuthz::recommended(dead))],
+        dead,
+        upstream.addr,
+    ))
+    .await?;
+    let reply = http::get(recommended.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    assert_eq!(reply.status, 503);
+
+    // Without status_on_error Envoy answers 403, which hides an outage as a denial.
+    let mut filter = ext_authz_filter(&ExtAuthz::recommended(dead));
+    filter["typed_config"]
+        .as_object_mut()
+        .context("typed_config")?
+        .remove("status_on_error");
+    let defaults = Envoy::start(&bootstrap(vec![filter], dead, upstream.addr)).await?;
+    let reply = http::get(defaults.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    assert_eq!(reply.status, 403);
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+/// An ext_authz server that always answers with one fixed denial.
+struct FixedDenial {
+    http: i32,
+    grpc: i32,
+}
+
+#[tonic::async_trait]
+impl Authorization for FixedDenial {
+    async fn check(
+        &self,
+        _: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(Status {
+                code: self.grpc,
+                message: "fixed".into(),
+                details: vec![],
+            }),
+            http_response: Some(CheckHttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus { code: self.http }),
+                headers: vec![HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: "retry-after".into(),
+                        value: "1".into(),
+                        raw_value: vec![],
+                    }),
+                    ..Default::default()
+                }],
+                body: "fixed denial".into(),
+            })),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn companion_503_and_429_denials_hold_even_with_fail_open() -> Result<()> {
+    // The companion's own 503 (a dependency down) through a fail-open Envoy.
+    let world = World::start(&[]).await?;
+    let upstream = Upstream::start().await?;
+    let mut fail_open = ExtAuthz::recommended(world.companion.addr);
+    fail_open.failure_mode_allow = true;
+    let envoy = Envoy::start(&bootstrap(
+        vec![ext_authz_filter(&fail_open)],
+        world.companion.addr,
+        upstream.addr,
+    ))
+    .await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    world.management.inject(Fault::Refuse);
+    let reply = http::get(
+        envoy.addr,
+        "/",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await?;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+
+    // 429 with RESOURCE_EXHAUSTED (what the companion's rate limit sends) from a stub
+    // server: Envoy versions have differed on whether that code is a denial.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let stub_addr = listener.local_addr()?;
+    let stub = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::new(FixedDenial { http: 429, grpc: 8 }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut fail_open = ExtAuthz::recommended(stub_addr);
+    fail_open.failure_mode_allow = true;
+    let envoy = Envoy::start(&bootstrap(
+        vec![ext_authz_filter(&fail_open)],
+        stub_addr,
+        upstream.addr,
+    ))
+    .await?;
+    let reply = http::get(envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    assert_eq!(
+        (
+            reply.status,
+            reply.body.as_str(),
+            reply.header("retry-after")
+        ),
+        (429, "fixed denial", "1")
+    );
+    assert_eq!(upstream.count(), 0, "fail-open must not let these through");
+    stub.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn five_hundred_requests_at_32_in_flight_all_get_their_own_identity() -> Result<()> {
+    const REQUESTS: usize = 500;
+    const IN_FLIGHT: usize = 32;
+    let stage = Stage::start(&[]).await?;
+    let names = ["eso-sa", "reader", "writer", "auditor"];
+    let mut tokens = Vec::new();
+    for name in names {
+        let sa = if name == "eso-sa" {
+            stage.world.workload_sa.clone()
+        } else {
+            stage.world.management.add_service_account("app-prod", name);
+            stage.world.workload.add_service_account("app-prod", name)
+        };
+        tokens.push((name, stage.world.workload.mint(&sa).sign()));
+    }
+    let tokens = Arc::new(tokens);
+    let addr = stage.envoy.addr;
+    let mut workers = Vec::new();
+    for worker in 0..IN_FLIGHT {
+        let tokens = tokens.clone();
+        workers.push(tokio::spawn(async move {
+            let mut connection = http::Connection::open(addr).await?;
+            let mut statuses = HashMap::<u16, usize>::new();
+            for i in (worker..REQUESTS).step_by(IN_FLIGHT) {
+                let (name, token) = &tokens[i % tokens.len()];
+                let reply = connection
+                    .get(
+                        &format!("/who/{name}"),
+                        &[("authorization", &format!("Bearer {token}"))],
+                    )
+                    .await?;
+                *statuses.entry(reply.status).or_default() += 1;
+            }
+            anyhow::Ok(statuses)
+        }));
+    }
+    let mut statuses = HashMap::<u16, usize>::new();
+    for worker in workers {
+        for (status, n) in worker.await?? {
+            *statuses.entry(status).or_default() += n;
+        }
+    }
+    assert_eq!(statuses, HashMap::from([(200, REQUESTS)]));
+    // Every forwarded token belongs to the service account the path names.
+    let seen = stage.upstream.seen();
+    assert_eq!(seen.len(), REQUESTS);
+    for request in seen {
+        let name = request.path.trim_start_matches("/who/");
+        let token = request
+            .header("authorization")
+            .trim_start_matches("Bearer ");
+        let claims = stage.world.management.verify(token)?;
+        assert_eq!(claims.service_account_name, name);
+    }
+    Ok(())
+}
