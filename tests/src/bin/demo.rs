@@ -186,10 +186,8 @@ fn print_claims(w: &Claims, m: &Claims) {
             format!("{} s", m.exp - m.iat),
         ),
     ];
-    println!(
-        "   {:<22} {:<48} {}",
-        "claim", "workload token", "exchanged (management) token"
-    );
+    let (claim, workload, exchanged) = ("claim", "workload token", "exchanged (management) token");
+    println!("   {claim:<22} {workload:<48} {exchanged}");
     for (name, a, b) in rows {
         println!("   {name:<22} {a:<48} {b}");
     }
