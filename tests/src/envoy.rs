@@ -144,6 +144,29 @@ pub fn ext_authz_filter(settings: &ExtAuthz) -> Value {
     })
 }
 
+/// The Tokensmith proxy-wasm filter (V8) with `configuration` as its plugin JSON, the
+/// way istiod renders a WasmPlugin (`pluginConfig` → a StringValue of JSON).
+pub fn wasm_filter(wasm: &Path, configuration: &Value) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "tokensmith",
+                "root_id": "tokensmith",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration.to_string()
+                },
+                "vm_config": {
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm.display().to_string()}}
+                }
+            }
+        }
+    })
+}
+
 /// A running Envoy.
 pub struct Envoy {
     /// The HTTP listener.

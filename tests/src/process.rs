@@ -201,6 +201,36 @@ pub fn tokensmith_bin() -> Result<PathBuf, Error> {
         .map_err(Error::Process)
 }
 
+/// Path of `tokensmith_filter.wasm` (wasm32-wasip1, size profile), built first once per
+/// test process. Needs `rustup target add wasm32-wasip1` (`make test` does it).
+pub fn filter_wasm() -> Result<PathBuf, Error> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--quiet", "-p", "tokensmith-filter", "--target", "wasm32-wasip1", "--profile", "wasm"])
+                .current_dir(workspace_root())
+                .status()
+                .map_err(|e| format!("cannot run cargo build: {e}"))?;
+            if !status.success() {
+                return Err(format!(
+                    "building the filter failed ({status}); is the target installed? `rustup target add wasm32-wasip1`"
+                ));
+            }
+            // target/<profile>/deps/e2e-… → target/wasm32-wasip1/wasm/
+            let target = profile_dir()?.parent().ok_or("target dir")?.to_path_buf();
+            let wasm = target.join("wasm32-wasip1/wasm/tokensmith_filter.wasm");
+            if wasm.is_file() {
+                Ok(wasm)
+            } else {
+                Err(format!("{} missing after cargo build", wasm.display()))
+            }
+        })
+        .clone()
+        .map_err(Error::Process)
+}
+
 /// `target/<profile>` of the running executable (tests live in `target/<profile>/deps`,
 /// binaries in `target/<profile>`).
 fn profile_dir() -> Result<PathBuf, String> {

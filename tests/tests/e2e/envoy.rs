@@ -1,9 +1,11 @@
-//! The companion path through a real Envoy, configured the way Istio's CUSTOM provider
-//! configures ext_authz: what the client and the upstream see.
+//! Both delivery paths through a real Envoy — the native ext_authz filter (as Istio's
+//! CUSTOM provider configures it) and the Tokensmith wasm filter — against one scenario
+//! matrix: what the client and the upstream see.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
+use serde_json::{Value, json};
 use tokensmith_proto::envoy::{
     config::core::v3::{HeaderValue, HeaderValueOption},
     service::auth::v3::{
@@ -16,64 +18,134 @@ use tokensmith_proto::envoy::{
 use tokensmith_proto::google::rpc::Status;
 use tokensmith_tests::{
     Endpoint, FakeCluster, Fault,
-    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter},
+    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter, wasm_filter},
     http::{self, HttpResponse},
+    process::filter_wasm,
     upstream::Upstream,
 };
 
 use crate::companion::World;
 
+/// How the request reaches the companion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Envoy's `envoy.filters.http.ext_authz` (Istio CUSTOM provider).
+    ExtAuthz,
+    /// The Tokensmith proxy-wasm filter (Istio WasmPlugin).
+    Filter,
+}
+
+/// The HTTP filter for `path` in front of a companion at `companion`. `fail_open` maps
+/// to `failure_mode_allow` / `failure_mode: allow`; `filter_config` adds plugin keys.
+pub fn path_filter(
+    path: Path,
+    companion: SocketAddr,
+    fail_open: bool,
+    filter_config: &Value,
+) -> Result<Value> {
+    Ok(match path {
+        Path::ExtAuthz => {
+            let mut settings = ExtAuthz::recommended(companion);
+            settings.failure_mode_allow = fail_open;
+            ext_authz_filter(&settings)
+        }
+        Path::Filter => {
+            let mut config = json!({"grpc_cluster": "tokensmith", "timeout_ms": 2000});
+            if fail_open {
+                config["failure_mode"] = json!("allow");
+            }
+            for (k, v) in filter_config.as_object().into_iter().flatten() {
+                config[k] = v.clone();
+            }
+            wasm_filter(&filter_wasm()?, &config)
+        }
+    })
+}
+
 /// A World plus an upstream and an Envoy in front of the companion.
-struct Stage {
-    world: World,
-    upstream: Upstream,
-    envoy: Envoy,
+pub struct Stage {
+    pub world: World,
+    pub upstream: Upstream,
+    pub envoy: Envoy,
+    pub path: Path,
 }
 
 impl Stage {
-    async fn start(extra: &[&str]) -> Result<Stage> {
+    pub async fn start(path: Path, extra: &[&str]) -> Result<Stage> {
+        Self::start_with(path, extra, &json!({})).await
+    }
+
+    pub async fn start_with(path: Path, extra: &[&str], filter_config: &Value) -> Result<Stage> {
         let world = World::start(extra).await?;
         let upstream = Upstream::start().await?;
-        let config = bootstrap(
-            vec![ext_authz_filter(&ExtAuthz::recommended(
-                world.companion.addr,
-            ))],
-            world.companion.addr,
-            upstream.addr,
-        );
+        let addr = world.companion.addr;
+        let filter = path_filter(path, addr, false, filter_config)?;
+        let config = bootstrap(vec![filter], addr, upstream.addr);
         Envoy::validate(&config).await?;
         let envoy = Envoy::start(&config).await?;
         Ok(Stage {
             world,
             upstream,
             envoy,
+            path,
         })
     }
 
-    async fn get(&self, token: Option<&str>) -> Result<HttpResponse> {
+    pub async fn get(&self, token: Option<&str>) -> Result<HttpResponse> {
         let header = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = header
             .iter()
             .map(|h| ("authorization", h.as_str()))
             .collect();
-        Ok(http::get(
-            self.envoy.addr,
-            "/api/v1/namespaces/app-prod/secrets",
-            &headers,
-        )
-        .await?)
+        let path = "/api/v1/namespaces/app-prod/secrets";
+        Ok(http::get(self.envoy.addr, path, &headers).await?)
+    }
+
+    /// Requests this path allowed / denied, by Envoy's or the filter's own counters.
+    pub async fn counted(&self, what: &str) -> Result<u64> {
+        let name = match (self.path, what) {
+            (Path::ExtAuthz, "allowed") => "http.ingress.ext_authz.ok",
+            (Path::ExtAuthz, "denied") => "http.ingress.ext_authz.denied",
+            (Path::Filter, "allowed") => "wasmcustom.tokensmith.allowed",
+            (Path::Filter, "denied") => "wasmcustom.tokensmith.denied",
+            _ => anyhow::bail!("no counter for {what}"),
+        };
+        Ok(self.envoy.stat(name).await?)
     }
 }
 
+/// Runs each named `async fn(Path) -> Result<()>` once per path, as two tests.
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn through_ext_authz() -> anyhow::Result<()> {
+                super::$name(super::Path::ExtAuthz).await
+            }
+            #[tokio::test]
+            async fn through_the_wasm_filter() -> anyhow::Result<()> {
+                super::$name(super::Path::Filter).await
+            }
+        }
+    )*};
+}
+
+on_both_paths!(
+    upstream_receives_a_management_token_never_the_workload_token,
+    denials_reach_the_client_and_never_the_upstream,
+    api_servers_down_or_slow_are_service_unavailable,
+    companion_503_and_429_denials_hold_even_with_fail_open,
+    five_hundred_requests_at_32_in_flight_all_get_their_own_identity,
+);
+
 /// An address where nothing listens (bound, then released).
-async fn dead_address() -> Result<SocketAddr> {
+pub async fn dead_address() -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     Ok(listener.local_addr()?)
 }
 
-#[tokio::test]
-async fn upstream_receives_a_management_token_never_the_workload_token() -> Result<()> {
-    let stage = Stage::start(&[]).await?;
+async fn upstream_receives_a_management_token_never_the_workload_token(path: Path) -> Result<()> {
+    let stage = Stage::start(path, &[]).await?;
     let workload_token = stage.world.workload_token(Duration::from_secs(3600));
     let reply = stage.get(Some(&workload_token)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
@@ -95,13 +167,12 @@ async fn upstream_receives_a_management_token_never_the_workload_token() -> Resu
             );
         }
     }
-    assert_eq!(stage.envoy.stat("http.ingress.ext_authz.ok").await?, 1);
+    assert_eq!(stage.counted("allowed").await?, 1);
     Ok(())
 }
 
-#[tokio::test]
-async fn denials_reach_the_client_and_never_the_upstream() -> Result<()> {
-    let stage = Stage::start(&[]).await?;
+async fn denials_reach_the_client_and_never_the_upstream(path: Path) -> Result<()> {
+    let stage = Stage::start(path, &[]).await?;
     let w = &stage.world.workload;
     let stranger = FakeCluster::start("stranger").await?;
     let stranger_sa = stranger.add_service_account("app-prod", "eso-sa");
@@ -136,16 +207,12 @@ async fn denials_reach_the_client_and_never_the_upstream() -> Result<()> {
     let malformed = http::get(stage.envoy.addr, "/", &[("authorization", "Token abc")]).await?;
     assert_eq!(malformed.status, 401);
     assert_eq!(stage.upstream.count(), 0, "the upstream must not be called");
-    assert_eq!(
-        stage.envoy.stat("http.ingress.ext_authz.denied").await?,
-        cases.len() as u64 + 1
-    );
+    assert_eq!(stage.counted("denied").await?, cases.len() as u64 + 1);
     Ok(())
 }
 
-#[tokio::test]
-async fn api_servers_down_or_slow_are_service_unavailable() -> Result<()> {
-    let stage = Stage::start(&["--kube-timeout", "300ms"]).await?;
+async fn api_servers_down_or_slow_are_service_unavailable(path: Path) -> Result<()> {
+    let stage = Stage::start(path, &["--kube-timeout", "300ms"]).await?;
     let token = stage.world.workload_token(Duration::from_secs(3600));
 
     stage.world.workload.inject(Fault::Refuse);
@@ -237,27 +304,17 @@ impl Authorization for FixedDenial {
     }
 }
 
-#[tokio::test]
-async fn companion_503_and_429_denials_hold_even_with_fail_open() -> Result<()> {
-    // The companion's own 503 (a dependency down) through a fail-open Envoy.
+async fn companion_503_and_429_denials_hold_even_with_fail_open(path: Path) -> Result<()> {
+    // The companion's own 503 (a dependency down) through a fail-open Envoy / filter.
     let world = World::start(&[]).await?;
     let upstream = Upstream::start().await?;
-    let mut fail_open = ExtAuthz::recommended(world.companion.addr);
-    fail_open.failure_mode_allow = true;
-    let envoy = Envoy::start(&bootstrap(
-        vec![ext_authz_filter(&fail_open)],
-        world.companion.addr,
-        upstream.addr,
-    ))
-    .await?;
+    let addr = world.companion.addr;
+    let filter = path_filter(path, addr, true, &json!({}))?;
+    let envoy = Envoy::start(&bootstrap(vec![filter], addr, upstream.addr)).await?;
     let token = world.workload_token(Duration::from_secs(3600));
     world.management.inject(Fault::Refuse);
-    let reply = http::get(
-        envoy.addr,
-        "/",
-        &[("authorization", &format!("Bearer {token}"))],
-    )
-    .await?;
+    let bearer = format!("Bearer {token}");
+    let reply = http::get(envoy.addr, "/", &[("authorization", &bearer)]).await?;
     assert_eq!(reply.status, 503, "{}", reply.body);
 
     // 429 with RESOURCE_EXHAUSTED (what the companion's rate limit sends) from a stub
@@ -269,14 +326,8 @@ async fn companion_503_and_429_denials_hold_even_with_fail_open() -> Result<()> 
             .add_service(AuthorizationServer::new(FixedDenial { http: 429, grpc: 8 }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let mut fail_open = ExtAuthz::recommended(stub_addr);
-    fail_open.failure_mode_allow = true;
-    let envoy = Envoy::start(&bootstrap(
-        vec![ext_authz_filter(&fail_open)],
-        stub_addr,
-        upstream.addr,
-    ))
-    .await?;
+    let filter = path_filter(path, stub_addr, true, &json!({}))?;
+    let envoy = Envoy::start(&bootstrap(vec![filter], stub_addr, upstream.addr)).await?;
     let reply = http::get(envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
     assert_eq!(
         (
@@ -291,11 +342,12 @@ async fn companion_503_and_429_denials_hold_even_with_fail_open() -> Result<()> 
     Ok(())
 }
 
-#[tokio::test]
-async fn five_hundred_requests_at_32_in_flight_all_get_their_own_identity() -> Result<()> {
+async fn five_hundred_requests_at_32_in_flight_all_get_their_own_identity(
+    path: Path,
+) -> Result<()> {
     const REQUESTS: usize = 500;
     const IN_FLIGHT: usize = 32;
-    let stage = Stage::start(&[]).await?;
+    let stage = Stage::start(path, &[]).await?;
     let names = ["eso-sa", "reader", "writer", "auditor"];
     let mut tokens = Vec::new();
     for name in names {

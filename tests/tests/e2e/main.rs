@@ -1,5 +1,7 @@
 //! End-to-end tests: one test binary, one module per component under test.
 
 mod companion;
+mod deploy;
 mod envoy;
 mod fake_apiserver;
+mod filter;

@@ -1,0 +1,174 @@
+//! The wasm filter's own cases in a real Envoy (V8): the in-proxy cache, refresh,
+//! configuration errors, and what `failure_mode` does when the companion is away.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokensmith_tests::{
+    Endpoint,
+    envoy::{Envoy, bootstrap, wasm_filter},
+    http,
+    process::filter_wasm,
+    upstream::Upstream,
+};
+
+use crate::envoy::{Path, Stage, dead_address};
+
+#[tokio::test]
+async fn a_repeated_token_is_served_from_the_cache_without_a_check() -> Result<()> {
+    let stage = Stage::start(Path::Filter, &[]).await?;
+    let token = stage.world.workload_token(Duration::from_secs(3600));
+    for _ in 0..5 {
+        assert_eq!(stage.get(Some(&token)).await?.status, 200);
+    }
+    // One exchange for five requests: the companion was asked once.
+    assert_eq!(stage.world.workload.count(Endpoint::TokenReview), 1);
+    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 1);
+    let e = &stage.envoy;
+    assert_eq!(e.stat("wasmcustom.tokensmith.requests").await?, 5);
+    assert_eq!(e.stat("wasmcustom.tokensmith.cache_misses").await?, 1);
+    assert_eq!(e.stat("wasmcustom.tokensmith.cache_hits").await?, 4);
+    assert_eq!(e.stat("wasmcustom.tokensmith.allowed").await?, 5);
+    // Every request carried the same exchanged token to the upstream.
+    let seen = stage.upstream.seen();
+    let first = seen[0].header("authorization");
+    assert!(seen.iter().all(|s| s.header("authorization") == first));
+    stage
+        .world
+        .management
+        .verify(first.trim_start_matches("Bearer "))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
+    let stage = Stage::start(Path::Filter, &[]).await?;
+    let first = stage.world.workload_token(Duration::from_secs(3600));
+    let second = stage.world.workload_token(Duration::from_secs(3600));
+    assert_eq!(stage.get(Some(&first)).await?.status, 200);
+    assert_eq!(stage.get(Some(&second)).await?.status, 200);
+    assert_eq!(stage.get(Some(&first)).await?.status, 200);
+    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_entry_is_refreshed_before_it_expires() -> Result<()> {
+    // Exchanged tokens live 600 s; with a 597 s refresh window an entry serves ~3 s.
+    let config = json!({"cache": {"refresh_before_expiry_s": 597}});
+    let stage = Stage::start_with(Path::Filter, &["--token-expiration", "600"], &config).await?;
+    let token = stage.world.workload_token(Duration::from_secs(3600));
+    assert_eq!(stage.get(Some(&token)).await?.status, 200);
+    assert_eq!(stage.get(Some(&token)).await?.status, 200);
+    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 1);
+    // Waiting for the refresh window is the behaviour under test, not a readiness wait.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(stage.get(Some(&token)).await?.status, 200);
+    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 2);
+    let tokens: Vec<String> = stage
+        .upstream
+        .seen()
+        .iter()
+        .map(|s| s.header("authorization").to_owned())
+        .collect();
+    assert_eq!(tokens[0], tokens[1]);
+    assert_ne!(
+        tokens[1], tokens[2],
+        "a fresh exchange after the refresh point"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_plugin_configuration_is_refused_by_envoy() -> Result<()> {
+    let upstream = Upstream::start().await?;
+    let dead = dead_address().await?;
+    let filter = wasm_filter(
+        &filter_wasm()?,
+        &json!({"grpc_cluster": "tokensmith", "cache": {"slots": 0}}),
+    );
+    let config = bootstrap(vec![filter], dead, upstream.addr);
+    let error = match Envoy::start(&config).await {
+        Ok(_) => anyhow::bail!("Envoy started with a bad plugin configuration"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains(
+            "plugin config: `cache.slots`: must be a whole number from 1 to 65536, got 0"
+        ),
+        "the log names the key and the problem:\n{error}"
+    );
+    Ok(())
+}
+
+/// Envoy with the filter in front of `companion`, and what the upstream saw.
+async fn filter_envoy(
+    companion: std::net::SocketAddr,
+    config: serde_json::Value,
+) -> Result<(Envoy, Upstream)> {
+    let upstream = Upstream::start().await?;
+    let filter = wasm_filter(&filter_wasm()?, &config);
+    let envoy = Envoy::start(&bootstrap(vec![filter], companion, upstream.addr)).await?;
+    Ok((envoy, upstream))
+}
+
+#[tokio::test]
+async fn companion_down_fails_closed_with_503_by_default() -> Result<()> {
+    let (envoy, upstream) =
+        filter_envoy(dead_address().await?, json!({"grpc_cluster": "tokensmith"})).await?;
+    let reply = http::get(envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (503, "identity service unavailable")
+    );
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(envoy.stat("wasmcustom.tokensmith.errors").await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn companion_down_with_failure_mode_allow_passes_without_the_workload_token() -> Result<()> {
+    let config = json!({"grpc_cluster": "tokensmith", "failure_mode": "allow"});
+    let (envoy, upstream) = filter_envoy(dead_address().await?, config).await?;
+    let reply = http::get(
+        envoy.addr,
+        "/",
+        &[("authorization", "Bearer workload-secret")],
+    )
+    .await?;
+    assert_eq!(reply.status, 200);
+    let seen = upstream.seen().pop().context("upstream called")?;
+    assert_eq!(
+        seen.header("authorization"),
+        "",
+        "the credential must be removed"
+    );
+    assert!(!seen.headers.values().any(|v| v.contains("workload-secret")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unknown_grpc_cluster_is_answered_at_once_per_failure_mode() -> Result<()> {
+    let dead = dead_address().await?;
+    let (envoy, upstream) = filter_envoy(dead, json!({"grpc_cluster": "no-such-cluster"})).await?;
+    let reply = http::get(envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    assert_eq!(reply.status, 503);
+    let config = json!({"grpc_cluster": "no-such-cluster", "failure_mode": "allow"});
+    let (open, open_upstream) = filter_envoy(dead, config).await?;
+    let reply = http::get(open.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(open_upstream.seen()[0].header("authorization"), "");
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_token_can_be_let_through_untouched() -> Result<()> {
+    let config = json!({"grpc_cluster": "tokensmith", "on_missing_token": "allow"});
+    let (envoy, upstream) = filter_envoy(dead_address().await?, config).await?;
+    let reply = http::get(envoy.addr, "/", &[("x-other", "1")]).await?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(upstream.seen()[0].header("x-other"), "1");
+    Ok(())
+}
