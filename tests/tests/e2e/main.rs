@@ -5,3 +5,4 @@ mod deploy;
 mod envoy;
 mod fake_apiserver;
 mod filter;
+mod wasmplugin;
