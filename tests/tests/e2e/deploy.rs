@@ -802,12 +802,11 @@ fn the_companion_keeps_a_replica_through_node_loss_and_outlasts_its_drain() -> R
     Ok(())
 }
 
+/// A binding subject as (kind, namespace, name).
+type Subject = (String, String, String);
+
 /// The rules of a ClusterRole, the subjects of the binding that grants it, checked together.
-fn granted(
-    docs: &[Doc],
-    file: &str,
-    role: &str,
-) -> Result<(Vec<PolicyRule>, Vec<(String, String, String)>)> {
+fn granted(docs: &[Doc], file: &str, role: &str) -> Result<(Vec<PolicyRule>, Vec<Subject>)> {
     let cluster_role: ClusterRole = find(docs, file, "ClusterRole", role)?.typed()?;
     let bindings: Vec<ClusterRoleBinding> = docs
         .iter()
