@@ -4,14 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for doc in README.md AGENTS.md plan/*.md tests/README.md deploy/README.md; do
+for doc in README.md AGENTS.md plan/*.md tests/README.md deploy/README.md docs/*.md; do
   [ -f "$doc" ] || continue
   # Backticked tokens that start with a top-level directory or file of this repository.
   while read -r path; do
     path=${path%%:*}          # drop ":line" suffixes
     path=${path%/}
     [ -e "$path" ] || { echo "$doc: \`$path\` does not exist"; status=1; }
-  done < <(grep -oE '`(proto|service|filter|tests|deploy|wasmplugin|plan|scripts|\.ci)/[A-Za-z0-9_./{},-]*`' "$doc" \
+  done < <(grep -oE '`(proto|service|filter|tests|deploy|wasmplugin|plan|scripts|docs|\.ci)/[A-Za-z0-9_./{},-]*`' "$doc" \
             | tr -d '`' | grep -v '[{}*]' | sort -u)
 done
 exit $status

@@ -4,7 +4,10 @@
 pub mod bearer;
 pub mod decision;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokensmith_proto::envoy::service::auth::v3::{
     CheckRequest, CheckResponse, attribute_context::HttpRequest,
@@ -18,8 +21,8 @@ use crate::{
     deadline,
     exchange::{Exchanger, bounded_lifetime},
     identity::WorkloadIdentity,
-    review::Reviewer,
     secret::ExchangedToken,
+    workload::Workloads,
 };
 use decision::DenyReason;
 
@@ -46,6 +49,8 @@ impl From<DenyReason> for Denial {
 pub enum Outcome {
     /// Forward with the management token.
     Allowed {
+        /// The configured name of the workload cluster that vouched for the token.
+        workload_cluster: Arc<str>,
         /// Who asked.
         identity: WorkloadIdentity,
         /// The exchanged token.
@@ -53,8 +58,10 @@ pub enum Outcome {
         /// The lifetime we requested for it.
         lifetime: Duration,
     },
-    /// Refuse. `identity` is known when the refusal came after the TokenReview.
+    /// Refuse. `identity` is known when the refusal came after validation.
     Denied {
+        /// The workload cluster the token was routed to, when known.
+        workload_cluster: Option<Arc<str>>,
         /// Who asked, when known.
         identity: Option<WorkloadIdentity>,
         /// Why not.
@@ -65,7 +72,7 @@ pub enum Outcome {
 /// The exchange itself, independent of gRPC: header in, outcome out.
 #[derive(Clone)]
 pub struct Authorizer {
-    reviewer: Reviewer,
+    workloads: Workloads,
     exchanger: Exchanger,
     token_expiration: Duration,
     kube_timeout: Duration,
@@ -75,47 +82,60 @@ impl Authorizer {
     /// Builds an authorizer. `token_expiration` is the longest lifetime requested;
     /// `kube_timeout` bounds the Kubernetes calls of one Check.
     pub fn new(
-        reviewer: Reviewer,
+        workloads: Workloads,
         exchanger: Exchanger,
         token_expiration: Duration,
         kube_timeout: Duration,
     ) -> Self {
         Self {
-            reviewer,
+            workloads,
             exchanger,
             token_expiration,
             kube_timeout,
         }
     }
 
-    /// Reviews the bearer token in `authorization` and exchanges it, with every
-    /// Kubernetes call done within `budget`.
+    /// Validates the bearer token in `authorization` with the workload cluster it belongs
+    /// to, applies that cluster's namespace policy and exchanges it, with every call done
+    /// within `budget`.
     pub async fn decide(&self, authorization: Option<&str>, budget: Duration) -> Outcome {
         let deadline = tokio::time::Instant::now() + budget;
-        let denied = |identity, denial| Outcome::Denied { identity, denial };
         let token = match bearer::parse(authorization) {
             Ok(token) => token,
             Err(bearer::BearerError::Missing) => {
-                return denied(None, DenyReason::MissingToken.into());
+                return denied(None, None, DenyReason::MissingToken.into());
             }
             Err(bearer::BearerError::Malformed) => {
-                return denied(None, DenyReason::MalformedToken.into());
+                return denied(None, None, DenyReason::MalformedToken.into());
             }
         };
-        let review = match tokio::time::timeout_at(deadline, self.reviewer.review(&token)).await {
-            Ok(Ok(review)) => review,
-            Ok(Err(denial)) => return denied(None, denial),
-            Err(_) => return denied(None, out_of_time(Cluster::Workload, budget)),
+        // The set is read once: a reload during this check does not change its course.
+        let cluster = match self.workloads.current().select(&token) {
+            Ok(cluster) => cluster,
+            Err(denial) => return denied(None, None, denial),
         };
+        let source = Some(cluster.name().clone());
+        let review = match tokio::time::timeout_at(deadline, cluster.validate(&token)).await {
+            Ok(Ok(review)) => review,
+            Ok(Err(denial)) => return denied(source, None, denial),
+            Err(_) => return denied(source, None, out_of_time(Cluster::Workload, budget)),
+        };
+        if let Err(denial) = cluster.admit(&review.identity) {
+            return denied(source, Some(review.identity), denial);
+        }
         let remaining = match review
             .expires_at
             .map(|at| at.duration_since(SystemTime::now()))
         {
             None => None,
             Some(Ok(left)) => Some(left),
+            // A JWKS cluster accepted it within its configured leeway (clock skew): the
+            // TokenRequest minimum is then the exchanged token's whole life.
+            Some(Err(_)) if !cluster.uses_token_review() => Some(Duration::ZERO),
             // The API server accepted it a moment ago, but it has expired since.
             Some(Err(_)) => {
                 return denied(
+                    source,
                     Some(review.identity),
                     Denial {
                         reason: DenyReason::InvalidToken,
@@ -130,16 +150,30 @@ impl Authorizer {
             .exchange(&review.identity.service_account, lifetime);
         match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok(token)) => Outcome::Allowed {
+                workload_cluster: cluster.name().clone(),
                 identity: review.identity,
                 token,
                 lifetime,
             },
-            Ok(Err(denial)) => denied(Some(review.identity), denial),
+            Ok(Err(denial)) => denied(source, Some(review.identity), denial),
             Err(_) => denied(
+                source,
                 Some(review.identity),
                 out_of_time(Cluster::Management, budget),
             ),
         }
+    }
+}
+
+fn denied(
+    workload_cluster: Option<Arc<str>>,
+    identity: Option<WorkloadIdentity>,
+    denial: Denial,
+) -> Outcome {
+    Outcome::Denied {
+        workload_cluster,
+        identity,
+        denial,
     }
 }
 
@@ -184,10 +218,7 @@ impl Authorization for AuthzService {
         let request_id = request_id(&http);
         let outcome = match authorization_header(&http) {
             Ok(header) => self.authorizer.decide(header.as_deref(), budget).await,
-            Err(denial) => Outcome::Denied {
-                identity: None,
-                denial,
-            },
+            Err(denial) => denied(None, None, denial),
         };
         log_decision(&outcome, &request_id, started.elapsed());
         Ok(Response::new(match &outcome {
@@ -242,6 +273,7 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
     let latency_ms = latency.as_secs_f64() * 1000.0;
     match outcome {
         Outcome::Allowed {
+            workload_cluster,
             identity,
             token,
             lifetime,
@@ -252,6 +284,7 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
                 .map_or(0, |d| d.as_secs());
             info!(
                 decision = "allow",
+                workload_cluster = &**workload_cluster,
                 namespace = identity.service_account.namespace(),
                 service_account = identity.service_account.name(),
                 uid = %identity.uid,
@@ -262,8 +295,13 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
                 "check decided"
             );
         }
-        Outcome::Denied { identity, denial } => {
+        Outcome::Denied {
+            workload_cluster,
+            identity,
+            denial,
+        } => {
             let reason = denial.reason.as_str();
+            let workload_cluster = workload_cluster.as_deref().unwrap_or("");
             let cluster = denial.reason.cluster().map_or("", Cluster::as_str);
             let detail = denial.detail.as_deref().unwrap_or("");
             let status = denial.reason.status().0 as i32;
@@ -272,13 +310,13 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
                 ($level:ident) => {
                     match identity {
                         Some(id) => $level!(
-                            decision = "deny", reason, status, cluster, detail,
+                            decision = "deny", reason, status, cluster, workload_cluster, detail,
                             namespace = id.service_account.namespace(),
                             service_account = id.service_account.name(),
                             uid = %id.uid, request_id, latency_ms, "check decided"
                         ),
                         None => $level!(
-                            decision = "deny", reason, status, cluster, detail,
+                            decision = "deny", reason, status, cluster, workload_cluster, detail,
                             request_id, latency_ms, "check decided"
                         ),
                     }

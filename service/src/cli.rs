@@ -1,7 +1,7 @@
 //! The command line, compatible with the original Go tool (`authz`, `serve`, `greet`,
 //! `version`). Every flag can also come from a `TOKENSMITH_*` environment variable.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -29,6 +29,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Call the demo greet service and print its answer.
     Greet(GreetArgs),
+    /// Print a --clusters-config entry for a cluster, read through its API server.
+    Jwks(JwksArgs),
     /// Print the version.
     Version,
 }
@@ -42,9 +44,18 @@ pub struct AuthzArgs {
     /// gRPC port to listen on.
     #[arg(long, env = "TOKENSMITH_PORT", default_value_t = 9001)]
     pub port: u16,
-    /// Kubeconfig of the workload cluster (TokenReview); empty means in-cluster.
+    /// Kubeconfig of the workload cluster (TokenReview); empty means in-cluster. Not
+    /// together with --clusters-config.
     #[arg(long, env = "TOKENSMITH_WORKLOAD_KUBECONFIG", default_value = "")]
     pub workload_kubeconfig: String,
+    /// YAML file of workload clusters (JWKS or TokenReview each, with namespace policy),
+    /// reloaded when it changes; replaces --workload-kubeconfig. Empty means none.
+    #[arg(long, env = "TOKENSMITH_CLUSTERS_CONFIG", default_value = "")]
+    pub clusters_config: String,
+    /// Namespace of the companion in the management cluster, protected from mapping
+    /// like kube-system; empty means the pod's own namespace, else tokensmith-system.
+    #[arg(long, env = "TOKENSMITH_COMPANION_NAMESPACE", default_value = "")]
+    pub companion_namespace: String,
     /// Kubeconfig of the management cluster (TokenRequest); empty means in-cluster.
     #[arg(long, env = "TOKENSMITH_MANAGEMENT_KUBECONFIG", default_value = "")]
     pub management_kubeconfig: String,
@@ -90,6 +101,21 @@ pub struct GreetArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
+}
+
+/// Flags of `tokensmith jwks`.
+#[derive(Debug, Clone, Args)]
+pub struct JwksArgs {
+    /// Kubeconfig of the workload cluster to read (its current context).
+    #[arg(long, env = "TOKENSMITH_JWKS_KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// Name of the cluster entry (a DNS-1123 label); default: from the context's name.
+    #[arg(long, env = "TOKENSMITH_JWKS_NAME", value_parser = parse_cluster_name)]
+    pub name: Option<String>,
+}
+
+fn parse_cluster_name(value: &str) -> Result<String, String> {
+    crate::clusters::check_name(value).map(|()| value.to_owned())
 }
 
 /// Log levels.

@@ -1,8 +1,34 @@
 //! The validated configuration of `tokensmith authz`: types, not strings.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{Error, cli::AuthzArgs, cluster::ClusterSource, exchange::MIN_TOKEN_LIFETIME};
+use crate::{
+    Error,
+    cli::AuthzArgs,
+    cluster::ClusterSource,
+    clusters::{self, ClustersConfig},
+    exchange::MIN_TOKEN_LIFETIME,
+};
+
+/// Where the pod's namespace is mounted, with its service-account token.
+const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// The companion's namespace when neither the flag nor the pod says (`deploy/`'s).
+pub const DEFAULT_COMPANION_NAMESPACE: &str = "tokensmith-system";
+
+/// Where workload tokens are validated.
+#[derive(Debug, Clone)]
+pub enum WorkloadsSource {
+    /// `--workload-kubeconfig`: one cluster, TokenReview for every token.
+    Kubeconfig(ClusterSource),
+    /// `--clusters-config`: the validated file, reloaded while serving.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its content at start.
+        config: ClustersConfig,
+    },
+}
 
 /// How long in-flight checks may take to finish after SIGTERM/SIGINT.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -12,8 +38,10 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub struct AuthzConfig {
     /// Where the gRPC server listens.
     pub listen: SocketAddr,
-    /// Where TokenReviews go.
-    pub workload: ClusterSource,
+    /// Where workload tokens are validated.
+    pub workloads: WorkloadsSource,
+    /// The companion's own namespace, protected in every cluster's namespace policy.
+    pub companion_namespace: String,
     /// Where TokenRequests go.
     pub management: ClusterSource,
     /// Longest lifetime requested for an exchanged token.
@@ -58,9 +86,25 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 ),
             });
         }
+        let companion_namespace = companion_namespace(&args.companion_namespace);
+        let workloads = if args.clusters_config.is_empty() {
+            WorkloadsSource::Kubeconfig(ClusterSource::from_flag(&args.workload_kubeconfig))
+        } else if !args.workload_kubeconfig.is_empty() {
+            return Err(Error::Config {
+                flag: "--workload-kubeconfig",
+                problem: "cannot be combined with --clusters-config; list the cluster in \
+                          the file as `tokenreview: {kubeconfig: …}` with its issuer"
+                    .to_owned(),
+            });
+        } else {
+            let path = PathBuf::from(&args.clusters_config);
+            let config = clusters::load(&path, &companion_namespace)?;
+            WorkloadsSource::File { path, config }
+        };
         Ok(AuthzConfig {
             listen: SocketAddr::new(args.addr, args.port),
-            workload: ClusterSource::from_flag(&args.workload_kubeconfig),
+            workloads,
+            companion_namespace,
             management: ClusterSource::from_flag(&args.management_kubeconfig),
             token_expiration: args.token_expiration,
             audiences: args.audiences,
@@ -68,6 +112,18 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
             drain_grace: DRAIN_GRACE,
         })
     }
+}
+
+/// `--companion-namespace`, else the pod's namespace, else [`DEFAULT_COMPANION_NAMESPACE`].
+fn companion_namespace(flag: &str) -> String {
+    if !flag.is_empty() {
+        return flag.to_owned();
+    }
+    std::fs::read_to_string(POD_NAMESPACE_FILE)
+        .ok()
+        .map(|ns| ns.trim().to_owned())
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| DEFAULT_COMPANION_NAMESPACE.to_owned())
 }
 
 #[cfg(test)]
@@ -89,7 +145,10 @@ mod tests {
     fn defaults_are_valid() {
         let c = config(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:9001");
-        assert_eq!(c.workload, ClusterSource::InCluster);
+        assert!(matches!(
+            c.workloads,
+            WorkloadsSource::Kubeconfig(ClusterSource::InCluster)
+        ));
     }
 
     #[test]
@@ -113,5 +172,38 @@ mod tests {
     fn blank_audiences_are_rejected() {
         let e = config(&["--audiences", "a,"]).unwrap_err().to_string();
         assert!(e.starts_with("--audiences: \"\""), "{e}");
+    }
+
+    #[test]
+    fn clusters_config_and_workload_kubeconfig_are_exclusive() {
+        let e = config(&[
+            "--clusters-config",
+            "/c.yaml",
+            "--workload-kubeconfig",
+            "/k",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "--workload-kubeconfig: cannot be combined with --clusters-config; list the cluster in the file as `tokenreview: {kubeconfig: …}` with its issuer"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_clusters_file_is_a_usage_error_naming_it() {
+        let e = config(&["--clusters-config", "/nonexistent/clusters.yaml"]).unwrap_err();
+        assert!(matches!(e, Error::ClustersConfig { .. }));
+        assert_eq!(
+            e.to_string(),
+            "--clusters-config /nonexistent/clusters.yaml: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn the_companion_namespace_flag_wins() {
+        assert_eq!(companion_namespace("ops"), "ops");
+        let c = config(&["--companion-namespace", "ops"]).unwrap();
+        assert_eq!(c.companion_namespace, "ops");
     }
 }

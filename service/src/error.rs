@@ -16,6 +16,18 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+    /// The `--clusters-config` file is unreadable or invalid; `problem` names the cluster
+    /// and the field.
+    #[error("--clusters-config {}: {problem}", path.display())]
+    ClustersConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// `tokensmith jwks` could not read or use what the API server returned.
+    #[error("jwks: {0}")]
+    Export(String),
     /// A kubeconfig file could not be read or used.
     #[error("{cluster} cluster: kubeconfig {}: {source}", path.display())]
     Kubeconfig {

@@ -2,24 +2,29 @@
 //! workload-cluster service-account token and answers with a management-cluster token
 //! for the service account of the same namespace and name.
 //!
-//! A request flows `authz` (gRPC glue) → `authz::bearer` (header) → `review` (TokenReview
-//! on the workload cluster) → `exchange` (TokenRequest on the management cluster) →
-//! `authz::decision` (the CheckResponse Envoy applies).
+//! A request flows `authz` (gRPC glue) → `authz::bearer` (header) → `workload` (the
+//! cluster the token's issuer names, from `--workload-kubeconfig` or the `clusters` file)
+//! → `review` (TokenReview) or `jwks` (signature check) → the cluster's namespace policy
+//! → `exchange` (TokenRequest on the management cluster) → `authz::decision` (the
+//! CheckResponse Envoy applies).
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod authz;
 pub mod cli;
 pub mod cluster;
+pub mod clusters;
 pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod exchange;
 pub mod greet;
 pub mod identity;
+pub mod jwks;
 pub mod review;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod workload;
 
 pub use error::Error;

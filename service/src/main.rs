@@ -8,7 +8,7 @@ use tokensmith_service::{
     Error,
     cli::{Cli, Command},
     config::AuthzConfig,
-    greet, server, telemetry,
+    greet, jwks, server, telemetry,
 };
 
 /// Exit code for configuration errors (EX_USAGE), as for bad flags.
@@ -17,7 +17,11 @@ const EX_USAGE: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_level, cli.log_format);
+    // `jwks` prints a YAML document on stdout, where the logs go: it logs nothing, and
+    // reports failure on stderr only.
+    if !matches!(cli.command, Command::Jwks(_)) {
+        telemetry::init(cli.log_level, cli.log_format);
+    }
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -25,7 +29,7 @@ async fn main() -> ExitCode {
             eprintln!("tokensmith: {error:#}");
             let usage = error
                 .downcast_ref::<Error>()
-                .is_some_and(|e| matches!(e, Error::Config { .. }));
+                .is_some_and(|e| matches!(e, Error::Config { .. } | Error::ClustersConfig { .. }));
             ExitCode::from(if usage { EX_USAGE } else { 1 })
         }
     }
@@ -40,6 +44,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Serve(args) => greet::serve(SocketAddr::new(args.addr, args.port)).await?,
         Command::Greet(args) => println!("{}", greet::greet(&args.server, &args.name).await?),
+        Command::Jwks(args) => print!(
+            "{}",
+            jwks::export::clusters_entry(&args.kubeconfig, args.name.as_deref()).await?
+        ),
         Command::Version => println!("tokensmith {}", env!("CARGO_PKG_VERSION")),
     }
     Ok(())

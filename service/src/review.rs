@@ -17,7 +17,9 @@ use crate::{
 /// Validates workload tokens with the workload cluster's TokenReview API.
 #[derive(Clone)]
 pub struct Reviewer {
+    client: kube::Client,
     api: Api<TokenReview>,
+    audiences: Vec<String>,
 }
 
 /// A token the workload cluster accepted, and when it stops being valid.
@@ -31,10 +33,23 @@ pub struct Review {
 }
 
 impl Reviewer {
-    /// A reviewer using `client` (built for the workload cluster).
-    pub fn new(client: kube::Client) -> Self {
+    /// A reviewer using `client` (built for the workload cluster). Non-empty `audiences`
+    /// go into the TokenReview, so the API server also checks `aud`; empty means the API
+    /// server's own audiences.
+    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
         Self {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            client,
+            audiences,
+        }
+    }
+
+    /// Whether the API server answers `GET /version` within `timeout` (readiness).
+    pub async fn reachable(&self, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, self.client.apiserver_version()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(cluster::describe(&e)),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     }
 
@@ -44,7 +59,7 @@ impl Reviewer {
         let request = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.expose().to_owned()),
-                audiences: None,
+                audiences: (!self.audiences.is_empty()).then(|| self.audiences.clone()),
             },
             ..Default::default()
         };

@@ -5,15 +5,16 @@ use std::{net::SocketAddr, time::Duration};
 use tokensmith_proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     Error,
     authz::{Authorizer, AuthzService},
     cluster::{self, Cluster},
-    config::AuthzConfig,
+    clusters::reload,
+    config::{AuthzConfig, WorkloadsSource},
     exchange::Exchanger,
-    review::Reviewer,
+    workload::Workloads,
 };
 
 /// The gRPC service name Envoy and the health checks use.
@@ -27,19 +28,39 @@ pub struct Running {
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     startup: JoinHandle<()>,
+    reload: Option<JoinHandle<()>>,
     drain_grace: Duration,
 }
 
-/// Builds both clients, binds, and serves. Health is NOT_SERVING until a start-up check
-/// has reached both API servers; checks are answered meanwhile (and fail with 503 if a
-/// cluster is really down).
+/// Builds the clients, binds, and serves. Health is NOT_SERVING until the management API
+/// server answered and at least one workload cluster can validate tokens (see
+/// [`startup_check`]); checks are answered meanwhile (and fail with 503 if a cluster is
+/// really down). With `--clusters-config`, the file is reloaded while serving.
 pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
-    let workload =
-        cluster::client(Cluster::Workload, &config.workload, config.kube_timeout).await?;
+    let workloads = match &config.workloads {
+        WorkloadsSource::Kubeconfig(source) => {
+            Workloads::single(source, config.kube_timeout).await?
+        }
+        WorkloadsSource::File {
+            path,
+            config: clusters,
+        } => {
+            let workloads = Workloads::from_config(clusters, path, config.kube_timeout).await?;
+            let names: Vec<&str> = clusters.clusters.iter().map(|c| c.name.as_str()).collect();
+            info!(
+                path = %path.display(),
+                generation = 1,
+                clusters = ?names,
+                companion_namespace = config.companion_namespace.as_str(),
+                "clusters config loaded"
+            );
+            workloads
+        }
+    };
     let management =
         cluster::client(Cluster::Management, &config.management, config.kube_timeout).await?;
     let authorizer = Authorizer::new(
-        Reviewer::new(workload.clone()),
+        workloads.clone(),
         Exchanger::new(management.clone(), config.audiences.clone()),
         config.token_expiration,
         config.kube_timeout,
@@ -59,13 +80,23 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let startup = tokio::spawn(startup_check(
-        [
-            (Cluster::Workload, workload),
-            (Cluster::Management, management),
-        ],
+        management,
+        workloads.clone(),
         health.clone(),
         config.kube_timeout,
     ));
+    let reload = match config.workloads {
+        WorkloadsSource::File {
+            path,
+            config: clusters,
+        } => Some(tokio::spawn(reload::watch(
+            path,
+            config.companion_namespace.clone(),
+            workloads,
+            clusters,
+        ))),
+        WorkloadsSource::Kubeconfig(_) => None,
+    };
 
     let (shutdown, stop) = oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -86,6 +117,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         shutdown,
         server,
         startup,
+        reload,
         drain_grace: config.drain_grace,
     })
 }
@@ -96,7 +128,7 @@ impl Running {
         tokio::select! {
             () = shutdown_signal() => {}
             result = &mut self.server => {
-                self.startup.abort();
+                self.stop_background();
                 return Ok(result??);
             }
         }
@@ -108,7 +140,7 @@ impl Running {
     /// `grace`; whatever is still running then is cut off.
     pub async fn drain(mut self, grace: Duration) -> Result<(), Error> {
         info!(grace_s = grace.as_secs_f64(), "draining");
-        self.startup.abort();
+        self.stop_background();
         set_health(&self.health, ServingStatus::NotServing).await;
         let _ = self.shutdown.send(());
         match tokio::time::timeout(grace, &mut self.server).await {
@@ -126,45 +158,81 @@ impl Running {
     }
 }
 
+impl Running {
+    fn stop_background(&mut self) {
+        self.startup.abort();
+        if let Some(reload) = self.reload.take() {
+            reload.abort();
+        }
+    }
+}
+
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(AUTHZ_SERVICE, status).await;
 }
 
-/// Reaches each API server (`GET /version`) until both answer, then reports SERVING.
+/// Reports SERVING once the management API server answered `GET /version` and at least
+/// one workload cluster is ready (a TokenReview cluster's API server answered, a JWKS
+/// cluster has keys). With `--workload-kubeconfig` alone that is "both API servers". A
+/// cluster that is not ready does not hold the others back; once SERVING, the server
+/// stays so until it drains (keys are never dropped, only replaced).
 async fn startup_check(
-    clusters: [(Cluster, kube::Client); 2],
+    management: kube::Client,
+    workloads: Workloads,
     health: HealthReporter,
     timeout: Duration,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut management_ok = false;
     loop {
-        let mut all_ok = true;
-        for (cluster, client) in &clusters {
-            match tokio::time::timeout(timeout, client.apiserver_version()).await {
+        if !management_ok {
+            match tokio::time::timeout(timeout, management.apiserver_version()).await {
                 Ok(Ok(version)) => {
-                    tracing::debug!(cluster = cluster.as_str(), version = %version.git_version, "API server reachable")
+                    management_ok = true;
+                    debug!(cluster = "management", version = %version.git_version, "API server reachable");
                 }
                 Ok(Err(e)) => {
-                    all_ok = false;
-                    warn!(cluster = cluster.as_str(), detail = %cluster::describe(&e), "API server not reachable yet");
+                    warn!(cluster = "management", detail = %cluster::describe(&e), "API server not reachable yet");
                 }
-                Err(_) => {
-                    all_ok = false;
-                    warn!(
-                        cluster = cluster.as_str(),
-                        timeout_s = timeout.as_secs_f64(),
-                        "API server did not answer in time"
-                    );
-                }
+                Err(_) => warn!(
+                    cluster = "management",
+                    timeout_s = timeout.as_secs_f64(),
+                    "API server did not answer in time"
+                ),
             }
         }
-        if all_ok {
+        let set = workloads.current();
+        let mut ready = Vec::new();
+        for workload in set.clusters() {
+            match workload.ready(timeout).await {
+                Ok(()) => ready.push(workload.name().to_string()),
+                Err(detail) if workload.uses_token_review() => warn!(
+                    cluster = "workload",
+                    workload_cluster = &**workload.name(),
+                    detail,
+                    "API server not reachable yet"
+                ),
+                Err(detail) => debug!(
+                    workload_cluster = &**workload.name(),
+                    detail, "workload cluster not ready yet"
+                ),
+            }
+        }
+        if management_ok && !ready.is_empty() {
             set_health(&health, ServingStatus::Serving).await;
-            info!("both API servers reachable; serving");
+            if set.is_single() {
+                info!("both API servers reachable; serving");
+            } else {
+                info!(ready = ?ready, "management API server and workload clusters ready; serving");
+            }
             return;
         }
-        tokio::time::sleep(backoff).await;
+        // Keys arriving for a JWKS cluster end the wait early.
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = workloads.keys_loaded().notified() => {}
+        }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

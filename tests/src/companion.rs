@@ -1,7 +1,12 @@
 //! The real `tokensmith authz` binary as a child process, and a gRPC client that talks
 //! to it the way Envoy's ext_authz filter does.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    ffi::{OsStr, OsString},
+    net::SocketAddr,
+    path::Path,
+    time::Duration,
+};
 
 use tokensmith_proto::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse,
@@ -37,6 +42,20 @@ impl Companion {
         management_kubeconfig: &Path,
         extra: &[&str],
     ) -> Result<Self, Error> {
+        let mut args: Vec<OsString> = vec![
+            "--workload-kubeconfig".into(),
+            workload_kubeconfig.into(),
+            "--management-kubeconfig".into(),
+            management_kubeconfig.into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        Self::start_with_args(&args).await
+    }
+
+    /// Starts `tokensmith authz` on 127.0.0.1 port 0 with exactly `args` besides address,
+    /// port and logging (e.g. `--clusters-config` and `--management-kubeconfig`), and
+    /// waits until it listens.
+    pub async fn start_with_args<S: AsRef<OsStr>>(args: &[S]) -> Result<Self, Error> {
         let mut command = tokio::process::Command::new(tokensmith_bin()?);
         command
             .args([
@@ -50,11 +69,7 @@ impl Companion {
                 "--log-format",
                 "json",
             ])
-            .arg("--workload-kubeconfig")
-            .arg(workload_kubeconfig)
-            .arg("--management-kubeconfig")
-            .arg(management_kubeconfig)
-            .args(extra)
+            .args(args)
             // Nothing from the developer's environment may steer the test.
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST");
@@ -94,6 +109,30 @@ impl Companion {
             .wait_health(ServingStatus::Serving, START_TIMEOUT)
             .await?;
         Ok(companion)
+    }
+
+    /// [`Companion::start_with_args`], then waits for gRPC health SERVING.
+    pub async fn start_serving_with_args<S: AsRef<OsStr>>(args: &[S]) -> Result<Self, Error> {
+        let companion = Self::start_with_args(args).await?;
+        companion
+            .wait_health(ServingStatus::Serving, START_TIMEOUT)
+            .await?;
+        Ok(companion)
+    }
+
+    /// Waits until a JSON log record satisfies `pick` (searching everything logged so far,
+    /// then each new line) and returns it.
+    pub async fn wait_for_log(
+        &mut self,
+        timeout: Duration,
+        pick: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value, Error> {
+        self.process
+            .wait_for_line(timeout, |line| {
+                let record: serde_json::Value = serde_json::from_str(line).ok()?;
+                pick(&record).then_some(record)
+            })
+            .await
     }
 
     /// The health status of `service` ("" is the whole server).

@@ -43,12 +43,12 @@ use tokio_rustls::TlsAcceptor;
 pub use calls::{Call, Endpoint, TokenRequestSpec, TokenReviewSpec};
 pub use faults::Fault;
 pub use status::{RETRY_AFTER_SECONDS, Status};
-pub use tokens::{Claims, DEFAULT_LIFETIME, LEEWAY, SIGNING_KEYS, TokenBuilder};
+pub use tokens::{Claims, DEFAULT_LIFETIME, LEEWAY, LEGACY_ISSUER, SIGNING_KEYS, TokenBuilder};
 
 use crate::Error;
 use calls::{CallLog, lock};
 use faults::Faults;
-use tokens::{Authority, SigningKey};
+use tokens::{Authority, KeyRing, SigningKey};
 
 /// Namespaces every fake cluster starts with, as a real one does.
 pub const INITIAL_NAMESPACES: [&str; 4] =
@@ -228,7 +228,9 @@ pub struct FakeClusterBuilder {
     name: String,
     addr: SocketAddr,
     signing_key: Option<usize>,
+    ec_signing_key: bool,
     issuer: Option<String>,
+    issuer_is_url: bool,
     api_audiences: Option<Vec<String>>,
     max_token_expiration: Option<Duration>,
 }
@@ -241,9 +243,23 @@ impl FakeClusterBuilder {
         self
     }
 
+    /// Sign service-account tokens with the checked-in P-256 key (ES256), as a cluster
+    /// whose `--service-account-signing-key-file` is an ECDSA key does.
+    pub fn ec_signing_key(mut self) -> Self {
+        self.ec_signing_key = true;
+        self
+    }
+
     /// The `iss` of service-account tokens. Default: `https://kubernetes.default.svc/<name>`.
     pub fn issuer(mut self, issuer: &str) -> Self {
         self.issuer = Some(issuer.to_owned());
+        self
+    }
+
+    /// The issuer is the server's own URL (`https://127.0.0.1:PORT`), so OIDC discovery
+    /// at `<issuer>/.well-known/openid-configuration` reaches this fake.
+    pub fn issuer_is_url(mut self) -> Self {
+        self.issuer_is_url = true;
         self
     }
 
@@ -276,19 +292,12 @@ impl FakeClusterBuilder {
         let index = self
             .signing_key
             .unwrap_or_else(|| default_key_index(&self.name));
-        let key = SigningKey::fixture(index)?;
+        let key = if self.ec_signing_key {
+            SigningKey::ec_fixture()?
+        } else {
+            SigningKey::fixture(index)?
+        };
         let user_key = SigningKey::fixture((index + 1) % SIGNING_KEYS)?;
-        let issuer = self
-            .issuer
-            .unwrap_or_else(|| format!("https://kubernetes.default.svc/{}", self.name));
-        let api_audiences = self.api_audiences.unwrap_or_else(|| vec![issuer.clone()]);
-        let authority = Arc::new(Authority {
-            user_issuer: format!("https://oidc.example/{}", self.name),
-            issuer,
-            api_audiences,
-            key,
-            user_key,
-        });
 
         let tls = tls::generate(&self.name)?;
         let listener = TcpListener::bind(self.addr)
@@ -302,6 +311,19 @@ impl FakeClusterBuilder {
             source,
         })?;
         let url = format!("https://{addr}");
+        let issuer = match self.issuer {
+            Some(issuer) => issuer,
+            None if self.issuer_is_url => url.clone(),
+            None => format!("https://kubernetes.default.svc/{}", self.name),
+        };
+        let api_audiences = self.api_audiences.unwrap_or_else(|| vec![issuer.clone()]);
+        let authority = Arc::new(Authority {
+            user_issuer: format!("https://oidc.example/{}", self.name),
+            issuer,
+            api_audiences,
+            keys: std::sync::RwLock::new(KeyRing::new(key)),
+            user_key,
+        });
 
         let dir = tempfile::Builder::new()
             .prefix("fake-apiserver-")
@@ -379,7 +401,9 @@ impl FakeCluster {
             name: name.to_owned(),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             signing_key: None,
+            ec_signing_key: false,
             issuer: None,
+            issuer_is_url: false,
             api_audiences: None,
             max_token_expiration: None,
         }
@@ -410,9 +434,19 @@ impl FakeCluster {
         &self.shared.authority.api_audiences
     }
 
-    /// The `kid` of this cluster's signing key (RFC 7638 thumbprint).
-    pub fn key_id(&self) -> &str {
-        &self.shared.authority.key.kid
+    /// The `kid` of this cluster's current signing key (RFC 7638 thumbprint).
+    pub fn key_id(&self) -> String {
+        self.shared.authority.signing_key().kid.clone()
+    }
+
+    /// Signs new tokens with RSA fixture `index` from now on, as after a rotation of
+    /// kube-apiserver's signing key. With `keep_old`, the previous keys stay in the JWKS
+    /// and TokenReview still accepts their tokens; without, they are gone from both.
+    pub fn rotate_signing_key(&self, index: usize, keep_old: bool) -> Result<(), Error> {
+        let key = SigningKey::fixture(index)?;
+        tracing::info!(cluster = %self.shared.name, kid = %key.kid, keep_old, "signing key rotated");
+        self.shared.authority.rotate(key, keep_old);
+        Ok(())
     }
 
     /// PEM of the CA that signed the serving certificate (SANs `127.0.0.1`, `localhost`).
@@ -539,9 +573,10 @@ impl FakeCluster {
         self.shared.authority.verify(token)
     }
 
-    /// The JWKS `/openid/v1/jwks` serves: `{"keys":[{use,kty,kid,alg,n,e}]}`.
+    /// The JWKS `/openid/v1/jwks` serves: `{"keys":[{use,kty,kid,alg,n,e}]}` (EC keys:
+    /// `crv,x,y`), the current signing key first.
     pub fn jwks(&self) -> serde_json::Value {
-        serde_json::json!({"keys": [self.shared.authority.key.jwk()]})
+        self.shared.authority.jwks()
     }
 
     /// A snapshot of the call log, oldest first.

@@ -23,6 +23,8 @@ pub enum DenyReason {
     MalformedToken,
     /// The workload cluster does not accept the token (bad, expired, foreign, revoked).
     InvalidToken,
+    /// The token's issuer is none of the configured workload clusters'.
+    UnknownIssuer,
     /// The token is valid but belongs to a user that is not a service account.
     NotServiceAccount,
     /// A service-account username whose namespace or name is not a valid name.
@@ -31,6 +33,8 @@ pub enum DenyReason {
     UnknownServiceAccount,
     /// The management cluster refused to mint a token for that service account.
     ExchangeForbidden,
+    /// The workload cluster may not map into that namespace (its namespace policy).
+    NamespaceNotAllowed,
     /// A cluster did not answer within the Check's budget.
     DeadlineExceeded(Cluster),
     /// A cluster is unreachable, overloaded, failing or refuses our own credentials.
@@ -50,13 +54,14 @@ impl DenyReason {
     pub fn status(self) -> (StatusCode, i32) {
         use DenyReason::*;
         match self {
-            MissingToken | MalformedToken | InvalidToken => {
+            MissingToken | MalformedToken | InvalidToken | UnknownIssuer => {
                 (StatusCode::Unauthorized, code::UNAUTHENTICATED)
             }
             NotServiceAccount
             | InvalidServiceAccountName
             | UnknownServiceAccount
-            | ExchangeForbidden => (StatusCode::Forbidden, code::PERMISSION_DENIED),
+            | ExchangeForbidden
+            | NamespaceNotAllowed => (StatusCode::Forbidden, code::PERMISSION_DENIED),
             DeadlineExceeded(_) | Unavailable(_) => {
                 (StatusCode::ServiceUnavailable, code::UNAVAILABLE)
             }
@@ -70,10 +75,12 @@ impl DenyReason {
             MissingToken => "missing_token",
             MalformedToken => "malformed_token",
             InvalidToken => "invalid_token",
+            UnknownIssuer => "unknown_issuer",
             NotServiceAccount => "not_service_account",
             InvalidServiceAccountName => "invalid_service_account_name",
             UnknownServiceAccount => "unknown_service_account",
             ExchangeForbidden => "exchange_forbidden",
+            NamespaceNotAllowed => "namespace_not_allowed",
             DeadlineExceeded(_) => "deadline_exceeded",
             Unavailable(_) => "unavailable",
         }
@@ -86,10 +93,12 @@ impl DenyReason {
             MissingToken => "missing bearer token",
             MalformedToken => "malformed bearer token",
             InvalidToken => "invalid or expired token",
+            UnknownIssuer => "token issuer is not trusted",
             NotServiceAccount => "token does not belong to a service account",
             InvalidServiceAccountName => "service account name is not valid",
             UnknownServiceAccount => "service account not found in the management cluster",
             ExchangeForbidden => "token exchange forbidden",
+            NamespaceNotAllowed => "namespace not allowed for this workload cluster",
             DeadlineExceeded(_) => "identity service timed out",
             Unavailable(_) => "identity service unavailable",
         }
@@ -107,7 +116,7 @@ impl DenyReason {
     fn challenge(self) -> Option<&'static str> {
         match self {
             DenyReason::MissingToken => Some("Bearer"),
-            DenyReason::MalformedToken | DenyReason::InvalidToken => {
+            DenyReason::MalformedToken | DenyReason::InvalidToken | DenyReason::UnknownIssuer => {
                 Some("Bearer error=\"invalid_token\"")
             }
             _ => None,
@@ -212,10 +221,12 @@ mod tests {
             (MissingToken, 401, 16),
             (MalformedToken, 401, 16),
             (InvalidToken, 401, 16),
+            (UnknownIssuer, 401, 16),
             (NotServiceAccount, 403, 7),
             (InvalidServiceAccountName, 403, 7),
             (UnknownServiceAccount, 403, 7),
             (ExchangeForbidden, 403, 7),
+            (NamespaceNotAllowed, 403, 7),
             (DeadlineExceeded(Cluster::Workload), 503, 14),
             (Unavailable(Cluster::Management), 503, 14),
         ];
@@ -223,6 +234,60 @@ mod tests {
             let (got_grpc, got_http, _, body) = denied(reason);
             assert_eq!((got_http, got_grpc), (http, grpc), "{reason}");
             assert!(!body.is_empty());
+        }
+    }
+
+    /// Every reason; the `match` makes a new variant a compile error here until listed.
+    fn every_reason() -> Vec<DenyReason> {
+        use DenyReason::*;
+        let all = vec![
+            MissingToken,
+            MalformedToken,
+            InvalidToken,
+            UnknownIssuer,
+            NotServiceAccount,
+            InvalidServiceAccountName,
+            UnknownServiceAccount,
+            ExchangeForbidden,
+            NamespaceNotAllowed,
+            DeadlineExceeded(Cluster::Workload),
+            Unavailable(Cluster::Workload),
+        ];
+        for reason in &all {
+            match reason {
+                MissingToken
+                | MalformedToken
+                | InvalidToken
+                | UnknownIssuer
+                | NotServiceAccount
+                | InvalidServiceAccountName
+                | UnknownServiceAccount
+                | ExchangeForbidden
+                | NamespaceNotAllowed
+                | DeadlineExceeded(_)
+                | Unavailable(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_plan_decision_table_matches_the_code() {
+        let plan = include_str!("../../../plan/002-companion-exchange.md");
+        for reason in every_reason() {
+            let prefix = format!("| `{}` |", reason.as_str());
+            let row = plan
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("plan/002 has no row for {reason}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (http, grpc) = reason.status();
+            assert!(
+                cells[3].starts_with(&(http as i32).to_string()),
+                "{reason}: {row}"
+            );
+            assert_eq!(cells[4], grpc.to_string(), "{reason}");
+            assert_eq!(cells[5], reason.body(), "{reason}");
         }
     }
 
@@ -235,8 +300,18 @@ mod tests {
             "www-authenticate".into(),
             "Bearer error=\"invalid_token\"".into()
         )));
-        let (_, _, headers, _) = denied(DenyReason::ExchangeForbidden);
-        assert!(!headers.iter().any(|(k, _)| k == "www-authenticate"));
+        let (_, _, headers, _) = denied(DenyReason::UnknownIssuer);
+        assert!(headers.contains(&(
+            "www-authenticate".into(),
+            "Bearer error=\"invalid_token\"".into()
+        )));
+        for reason in [
+            DenyReason::ExchangeForbidden,
+            DenyReason::NamespaceNotAllowed,
+        ] {
+            let (_, _, headers, _) = denied(reason);
+            assert!(!headers.iter().any(|(k, _)| k == "www-authenticate"));
+        }
     }
 
     #[test]

@@ -213,13 +213,13 @@ pub(crate) fn version() -> Value {
 }
 
 /// `/.well-known/openid-configuration`.
-pub(crate) fn openid_configuration(issuer: &str, url: &str) -> Value {
+pub(crate) fn openid_configuration(issuer: &str, url: &str, algorithms: &[String]) -> Value {
     json!({
         "issuer": issuer,
         "jwks_uri": format!("{url}/openid/v1/jwks"),
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
+        "id_token_signing_alg_values_supported": algorithms,
     })
 }
 

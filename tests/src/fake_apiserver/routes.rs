@@ -153,13 +153,14 @@ async fn respond(
         },
         Endpoint::OpenIdConfiguration => json_reply(
             StatusCode::OK,
-            &objects::openid_configuration(&shared.authority.issuer, &shared.url),
+            &objects::openid_configuration(
+                &shared.authority.issuer,
+                &shared.url,
+                &shared.authority.algorithms(),
+            ),
         ),
         Endpoint::Jwks => {
-            let mut reply = json_reply(
-                StatusCode::OK,
-                &json!({"keys": [shared.authority.key.jwk()]}),
-            );
+            let mut reply = json_reply(StatusCode::OK, &shared.authority.jwks());
             reply.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/jwk-set+json"),

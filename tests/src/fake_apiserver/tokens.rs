@@ -1,10 +1,11 @@
-//! RS256 service-account tokens with the Kubernetes claim shape: minting (like a projected
-//! token or a TokenRequest), and validating them the way kube-apiserver's JWT authenticator
-//! does for TokenReview, error messages included.
+//! RS256 (or ES256) service-account tokens with the Kubernetes claim shape: minting (like
+//! a projected token, a TokenRequest or a legacy secret-based token), validating them the
+//! way kube-apiserver's JWT authenticator does for TokenReview, error messages included,
+//! and the key ring behind `/openid/v1/jwks`, which can rotate.
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{Arc, PoisonError, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -27,6 +28,12 @@ const FIXTURE_KEYS: [&str; 4] = [
     include_str!("../../fixtures/signing-key-3.pem"),
 ];
 
+/// The checked-in P-256 key (`tests/fixtures/gen-keys.sh`), for ES256 clusters.
+const EC_FIXTURE_KEY: &str = include_str!("../../fixtures/ec-signing-key-0.pem");
+
+/// The issuer kube-apiserver puts in legacy secret-based tokens.
+pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+
 /// How many fixture signing keys exist; valid indexes are `0..SIGNING_KEYS`.
 pub const SIGNING_KEYS: usize = FIXTURE_KEYS.len();
 
@@ -36,60 +43,84 @@ pub const LEEWAY: Duration = Duration::from_secs(60);
 /// Default lifetime of minted tokens and of TokenRequests without `expirationSeconds`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// One RS256 key pair with its key id (RFC 7638 SHA-256 thumbprint) and JWK parameters.
+/// One signing key pair (RSA for RS256 or P-256 for ES256) with its key id (RFC 7638
+/// SHA-256 thumbprint) and its JWKS entry.
 pub(crate) struct SigningKey {
-    pub(crate) index: usize,
+    pub(crate) name: String,
     pub(crate) kid: String,
+    pub(crate) alg: Algorithm,
     encoding: EncodingKey,
     decoding: DecodingKey,
-    n: String,
-    e: String,
+    jwk: Value,
 }
 
 impl SigningKey {
+    /// RSA fixture `index` (RS256).
     pub(crate) fn fixture(index: usize) -> Result<SigningKey, Error> {
         let pem = FIXTURE_KEYS.get(index).ok_or(Error::NoSuchSigningKey {
             index,
             count: SIGNING_KEYS,
         })?;
-        let bad = |e: jsonwebtoken::errors::Error| {
-            Error::KeyMaterial(format!("signing key {index}: {e}"))
-        };
-        let encoding = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(bad)?;
-        let jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256).map_err(bad)?;
+        let name = format!("signing key {index}");
+        let encoding = EncodingKey::from_rsa_pem(pem.as_bytes())
+            .map_err(|e| Error::KeyMaterial(format!("{name}: {e}")))?;
+        SigningKey::new(name, encoding, Algorithm::RS256)
+    }
+
+    /// The P-256 fixture (ES256).
+    pub(crate) fn ec_fixture() -> Result<SigningKey, Error> {
+        let name = "EC signing key".to_owned();
+        let encoding = EncodingKey::from_ec_pem(EC_FIXTURE_KEY.as_bytes())
+            .map_err(|e| Error::KeyMaterial(format!("{name}: {e}")))?;
+        SigningKey::new(name, encoding, Algorithm::ES256)
+    }
+
+    fn new(name: String, encoding: EncodingKey, alg: Algorithm) -> Result<SigningKey, Error> {
+        let bad = |e: jsonwebtoken::errors::Error| Error::KeyMaterial(format!("{name}: {e}"));
+        let jwk = Jwk::from_encoding_key(&encoding, alg).map_err(bad)?;
         let kid = jwk.thumbprint(ThumbprintHash::SHA256).map_err(bad)?;
-        let AlgorithmParameters::RSA(rsa) = &jwk.algorithm else {
-            return Err(Error::KeyMaterial(format!(
-                "signing key {index} is not RSA"
-            )));
+        let (decoding, entry) = match &jwk.algorithm {
+            AlgorithmParameters::RSA(rsa) => (
+                DecodingKey::from_rsa_components(&rsa.n, &rsa.e).map_err(bad)?,
+                json!({"use": "sig", "kty": "RSA", "kid": kid, "alg": "RS256", "n": rsa.n, "e": rsa.e}),
+            ),
+            AlgorithmParameters::EllipticCurve(ec) => (
+                DecodingKey::from_ec_components(&ec.x, &ec.y).map_err(bad)?,
+                json!({"use": "sig", "kty": "EC", "kid": kid, "alg": "ES256", "crv": "P-256", "x": ec.x, "y": ec.y}),
+            ),
+            _ => return Err(Error::KeyMaterial(format!("{name}: not RSA or EC"))),
         };
-        let decoding = DecodingKey::from_rsa_components(&rsa.n, &rsa.e).map_err(bad)?;
         Ok(SigningKey {
-            index,
+            name,
             kid,
+            alg,
             encoding,
             decoding,
-            n: rsa.n.clone(),
-            e: rsa.e.clone(),
+            jwk: entry,
         })
     }
 
     /// The JWKS entry, as `/openid/v1/jwks` lists it.
     pub(crate) fn jwk(&self) -> Value {
-        json!({"use": "sig", "kty": "RSA", "kid": self.kid, "alg": "RS256", "n": self.n, "e": self.e})
+        self.jwk.clone()
     }
 
-    /// Signs `claims` with a `{"alg":"RS256","kid":…}` header (no `typ`, like kube-apiserver).
-    /// Signing only fails on a broken key, which `fixture` already ruled out; should it ever
-    /// happen, the result carries an empty signature that every verifier rejects.
+    /// Signs `claims` with a `{"alg":…,"kid":…}` header (no `typ`, like kube-apiserver).
     pub(crate) fn sign(&self, claims: &Value) -> String {
-        let mut header = Header::new(Algorithm::RS256);
+        let mut header = Header::new(self.alg);
         header.typ = None;
         header.kid = Some(self.kid.clone());
-        match jsonwebtoken::encode(&header, claims, &self.encoding) {
+        self.sign_with_header(&header, claims)
+    }
+
+    /// Signs `claims` under `header` as given (its `alg` decides the algorithm). Signing
+    /// only fails on a broken key or an algorithm that does not fit it; the result then
+    /// carries an empty signature that every verifier rejects.
+    pub(crate) fn sign_with_header(&self, header: &Header, claims: &Value) -> String {
+        match jsonwebtoken::encode(header, claims, &self.encoding) {
             Ok(token) => token,
             Err(error) => {
-                tracing::error!(%error, key = self.index, "signing failed; returning an unsigned token");
+                tracing::error!(%error, key = %self.name, "signing failed; returning an unsigned token");
                 let part = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
                 format!(
                     "{}.{}.",
@@ -100,9 +131,10 @@ impl SigningKey {
         }
     }
 
-    /// Checks the RS256 signature only; the payload comes back undecoded-into-types.
+    /// Checks the signature only (with this key's algorithm, as kube-apiserver does); the
+    /// payload comes back undecoded-into-types.
     fn verify_signature(&self, token: &str) -> Result<Value, jsonwebtoken::errors::Error> {
-        let mut validation = Validation::new(Algorithm::RS256);
+        let mut validation = Validation::new(self.alg);
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
         validation.validate_nbf = false;
@@ -111,12 +143,29 @@ impl SigningKey {
     }
 }
 
+/// The service-account signing keys of one cluster: the one that signs, and the ones
+/// `/openid/v1/jwks` publishes and TokenReview accepts (it, plus any kept after rotation).
+pub(crate) struct KeyRing {
+    pub(crate) signing: Arc<SigningKey>,
+    pub(crate) published: Vec<Arc<SigningKey>>,
+}
+
+impl KeyRing {
+    pub(crate) fn new(key: SigningKey) -> KeyRing {
+        let key = Arc::new(key);
+        KeyRing {
+            signing: key.clone(),
+            published: vec![key],
+        }
+    }
+}
+
 /// Who signs what in one fake cluster: service-account tokens under `issuer`, and "user"
 /// tokens (an OIDC-style identity provider the cluster trusts) under `user_issuer`.
 pub(crate) struct Authority {
     pub(crate) issuer: String,
     pub(crate) api_audiences: Vec<String>,
-    pub(crate) key: SigningKey,
+    pub(crate) keys: RwLock<KeyRing>,
     pub(crate) user_issuer: String,
     pub(crate) user_key: SigningKey,
 }
@@ -156,6 +205,72 @@ impl Rejection {
 }
 
 impl Authority {
+    /// The key that signs new service-account tokens.
+    pub(crate) fn signing_key(&self) -> Arc<SigningKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .signing
+            .clone()
+    }
+
+    /// The JWKS document: every published key.
+    pub(crate) fn jwks(&self) -> Value {
+        let ring = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        json!({"keys": ring.published.iter().map(|k| k.jwk()).collect::<Vec<_>>()})
+    }
+
+    /// The algorithms of the published keys, for the discovery document.
+    pub(crate) fn algorithms(&self) -> Vec<String> {
+        let ring = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let mut algs: Vec<String> = ring
+            .published
+            .iter()
+            .map(|k| format!("{:?}", k.alg))
+            .collect();
+        algs.dedup();
+        algs
+    }
+
+    /// Makes `key` the signing key; the old ones stay published (and accepted) only when
+    /// `keep_old` — as when kube-apiserver gets a new `--service-account-signing-key-file`
+    /// with or without the old public key in `--service-account-key-file`.
+    pub(crate) fn rotate(&self, key: SigningKey, keep_old: bool) {
+        let key = Arc::new(key);
+        let mut ring = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if !keep_old {
+            ring.published.clear();
+        }
+        ring.published.retain(|k| k.kid != key.kid);
+        ring.published.insert(0, key.clone());
+        ring.signing = key;
+    }
+
+    /// Verifies a service-account token's signature with the published key its `kid`
+    /// names (or, without a `kid`, any published key).
+    fn verify_published(&self, token: &str) -> Result<Value, Rejection> {
+        let kid = jsonwebtoken::decode_header(token)
+            .map_err(|_| Rejection::unrecognised())?
+            .kid;
+        let published = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .published
+            .clone();
+        let candidates: Vec<&Arc<SigningKey>> = published
+            .iter()
+            .filter(|k| kid.as_deref().is_none_or(|kid| kid == k.kid))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Rejection::because("invalid signature, no keys found"));
+        }
+        candidates
+            .iter()
+            .find_map(|k| k.verify_signature(token).ok())
+            .ok_or_else(|| Rejection::because("go-jose/go-jose: error in cryptographic primitive"))
+    }
+
     /// Authenticates `token` for `requested` audiences (empty = the API audiences), looking the
     /// service account up with `uid_of(namespace, name)` as kube-apiserver does.
     pub(crate) fn authenticate(
@@ -185,7 +300,7 @@ impl Authority {
         requested: &[String],
         uid_of: impl Fn(&str, &str) -> Option<String>,
     ) -> Result<Authenticated, Rejection> {
-        let claims = verify_with(&self.key, token)?;
+        let claims = self.verify_published(token)?;
         let mut token_audiences = audiences(&claims);
         if token_audiences.is_empty() {
             token_audiences = self.api_audiences.clone();
@@ -301,7 +416,9 @@ impl Authority {
                 self.issuer
             )));
         }
-        let claims = verify_with(&self.key, token).map_err(|r| Error::InvalidToken(r.0))?;
+        let claims = self
+            .verify_published(token)
+            .map_err(|r| Error::InvalidToken(r.0))?;
         check_times(&claims).map_err(|r| Error::InvalidToken(r.0))?;
         Claims::from_value(claims)
     }
@@ -488,6 +605,11 @@ pub struct TokenBuilder {
     warn_after: Option<SystemTime>,
     pod: Option<(String, String)>,
     issuer: Option<String>,
+    kid: Option<String>,
+    alg: Option<Algorithm>,
+    crit: Option<Vec<String>>,
+    legacy_secret: Option<String>,
+    overrides: Vec<(String, Value)>,
 }
 
 impl TokenBuilder {
@@ -503,6 +625,11 @@ impl TokenBuilder {
             warn_after: None,
             pod: None,
             issuer: None,
+            kid: None,
+            alg: None,
+            crit: None,
+            legacy_secret: None,
+            overrides: Vec::new(),
         }
     }
 
@@ -557,8 +684,56 @@ impl TokenBuilder {
         self
     }
 
-    /// Signs the token. Never fails with the checked-in keys.
-    pub fn sign(self) -> String {
+    /// A `kid` other than the signing key's (still signed with the cluster's key): a
+    /// forged key id.
+    pub fn kid(mut self, kid: &str) -> TokenBuilder {
+        self.kid = Some(kid.to_owned());
+        self
+    }
+
+    /// Sign with `alg` instead of the key's own algorithm (e.g. PS256 with an RSA key
+    /// published for RS256): a real signature under a mismatched algorithm.
+    pub fn algorithm(mut self, alg: Algorithm) -> TokenBuilder {
+        self.alg = Some(alg);
+        self
+    }
+
+    /// A `crit` header parameter listing `names`.
+    pub fn crit(mut self, names: &[&str]) -> TokenBuilder {
+        self.crit = Some(names.iter().map(|n| (*n).to_owned()).collect());
+        self
+    }
+
+    /// A legacy secret-based token, as kube-apiserver minted for a
+    /// `kubernetes.io/service-account-token` Secret named `secret`: issuer
+    /// `kubernetes/serviceaccount`, the flat `kubernetes.io/serviceaccount/*` claims, and no
+    /// `exp`, `iat`, `nbf`, `aud` or `jti`. TokenReview of this fake does not accept it.
+    pub fn legacy(mut self, secret: &str) -> TokenBuilder {
+        self.legacy_secret = Some(secret.to_owned());
+        self
+    }
+
+    /// Sets a top-level claim after the others are built (`Value::Null` removes it).
+    pub fn claim(mut self, name: &str, value: Value) -> TokenBuilder {
+        self.overrides.push((name.to_owned(), value));
+        self
+    }
+
+    fn claims(&self) -> Value {
+        let sub = format!(
+            "system:serviceaccount:{}:{}",
+            self.sa.namespace, self.sa.name
+        );
+        if let Some(secret) = &self.legacy_secret {
+            return json!({
+                "iss": self.issuer.clone().unwrap_or_else(|| LEGACY_ISSUER.to_owned()),
+                "kubernetes.io/serviceaccount/namespace": self.sa.namespace,
+                "kubernetes.io/serviceaccount/secret.name": secret,
+                "kubernetes.io/serviceaccount/service-account.name": self.sa.name,
+                "kubernetes.io/serviceaccount/service-account.uid": self.sa.uid,
+                "sub": sub,
+            });
+        }
         let mut k8s = json!({
             "namespace": self.sa.namespace,
             "serviceaccount": {"name": self.sa.name, "uid": self.sa.uid},
@@ -569,17 +744,37 @@ impl TokenBuilder {
         if let Some(at) = self.warn_after {
             k8s["warnafter"] = json!(unix(at));
         }
-        let claims = json!({
-            "aud": self.audiences.unwrap_or_else(|| self.authority.api_audiences.clone()),
+        json!({
+            "aud": self.audiences.clone().unwrap_or_else(|| self.authority.api_audiences.clone()),
             "exp": unix(self.expires_at),
             "iat": unix(self.issued_at),
-            "iss": self.issuer.unwrap_or_else(|| self.authority.issuer.clone()),
+            "iss": self.issuer.clone().unwrap_or_else(|| self.authority.issuer.clone()),
             "jti": uuid_v4(),
             "kubernetes.io": k8s,
             "nbf": unix(self.not_before.unwrap_or(self.issued_at)),
-            "sub": format!("system:serviceaccount:{}:{}", self.sa.namespace, self.sa.name),
-        });
-        self.authority.key.sign(&claims)
+            "sub": sub,
+        })
+    }
+
+    /// Signs the token with the cluster's current signing key. Never fails with the
+    /// checked-in keys.
+    pub fn sign(self) -> String {
+        let mut claims = self.claims();
+        if let Value::Object(map) = &mut claims {
+            for (name, value) in &self.overrides {
+                if value.is_null() {
+                    map.remove(name);
+                } else {
+                    map.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        let key = self.authority.signing_key();
+        let mut header = Header::new(self.alg.unwrap_or(key.alg));
+        header.typ = None;
+        header.kid = Some(self.kid.unwrap_or_else(|| key.kid.clone()));
+        header.crit = self.crit;
+        key.sign_with_header(&header, &claims)
     }
 }
 
@@ -593,7 +788,7 @@ mod tests {
         Arc::new(Authority {
             issuer: "https://kubernetes.default.svc/test".to_owned(),
             api_audiences: vec!["https://kubernetes.default.svc/test".to_owned()],
-            key: SigningKey::fixture(0).unwrap(),
+            keys: RwLock::new(KeyRing::new(SigningKey::fixture(0).unwrap())),
             user_issuer: "https://oidc.example/test".to_owned(),
             user_key: SigningKey::fixture(1).unwrap(),
         })
@@ -628,7 +823,10 @@ mod tests {
         let sa = sa();
         let token = TokenBuilder::new(authority.clone(), sa.clone()).sign();
         let header = jsonwebtoken::decode_header(&token).unwrap();
-        assert_eq!(header.kid.as_deref(), Some(authority.key.kid.as_str()));
+        assert_eq!(
+            header.kid.as_deref(),
+            Some(authority.signing_key().kid.as_str())
+        );
         assert_eq!(header.typ, None);
         let claims = authority.verify(&token).unwrap();
         assert_eq!(claims.sub, "system:serviceaccount:app:web");
@@ -694,6 +892,87 @@ mod tests {
                 .0
                 .contains("cryptographic primitive")
         );
+    }
+
+    #[test]
+    fn rotation_keeps_or_drops_the_old_key() {
+        let authority = authority();
+        let sa = sa();
+        let uid = sa.uid.clone();
+        let lookup = |_: &str, _: &str| Some(uid.clone());
+        let none: [String; 0] = [];
+        let old = TokenBuilder::new(authority.clone(), sa.clone()).sign();
+        authority.rotate(SigningKey::fixture(2).unwrap(), true);
+        let new = TokenBuilder::new(authority.clone(), sa.clone()).sign();
+        let kids: Vec<String> = authority.jwks()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            kids,
+            [
+                SigningKey::fixture(2).unwrap().kid,
+                SigningKey::fixture(0).unwrap().kid
+            ]
+        );
+        assert!(authority.authenticate(&old, &none, lookup).is_ok());
+        assert!(authority.authenticate(&new, &none, lookup).is_ok());
+        authority.rotate(SigningKey::fixture(3).unwrap(), false);
+        assert_eq!(authority.jwks()["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            authority.authenticate(&old, &none, lookup).unwrap_err().0,
+            "[invalid bearer token, invalid signature, no keys found]"
+        );
+    }
+
+    #[test]
+    fn builder_options_shape_header_and_claims() {
+        let authority = authority();
+        let sa = sa();
+        let legacy = TokenBuilder::new(authority.clone(), sa.clone())
+            .legacy("web-token-x")
+            .sign();
+        let claims: Value = jsonwebtoken::dangerous::insecure_decode::<Value>(&legacy)
+            .unwrap()
+            .claims;
+        assert_eq!(claims["iss"], LEGACY_ISSUER);
+        assert_eq!(
+            claims["kubernetes.io/serviceaccount/service-account.uid"],
+            sa.uid
+        );
+        assert!(claims.get("exp").is_none() && claims.get("kubernetes.io").is_none());
+
+        let odd = TokenBuilder::new(authority.clone(), sa)
+            .kid("forged")
+            .algorithm(Algorithm::PS256)
+            .crit(&["exp"])
+            .claim("sub", json!("system:serviceaccount:other:web"))
+            .claim("jti", Value::Null)
+            .sign();
+        let header = jsonwebtoken::decode_header(&odd).unwrap();
+        assert_eq!(header.kid.as_deref(), Some("forged"));
+        assert_eq!(header.alg, Algorithm::PS256);
+        assert_eq!(header.crit, Some(vec!["exp".to_owned()]));
+        let claims: Value = jsonwebtoken::dangerous::insecure_decode::<Value>(&odd)
+            .unwrap()
+            .claims;
+        assert_eq!(claims["sub"], "system:serviceaccount:other:web");
+        assert!(claims.get("jti").is_none());
+    }
+
+    #[test]
+    fn the_ec_fixture_signs_es256_with_a_p256_jwk() {
+        let key = SigningKey::ec_fixture().unwrap();
+        assert_eq!(key.alg, Algorithm::ES256);
+        let jwk = key.jwk();
+        assert_eq!(
+            (jwk["kty"].as_str(), jwk["crv"].as_str()),
+            (Some("EC"), Some("P-256"))
+        );
+        let token = key.sign(&json!({"sub": "x"}));
+        assert_eq!(key.verify_signature(&token).unwrap()["sub"], "x");
     }
 
     #[test]

@@ -5,4 +5,5 @@ mod deploy;
 mod envoy;
 mod fake_apiserver;
 mod filter;
+mod jwks;
 mod wasmplugin;

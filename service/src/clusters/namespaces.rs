@@ -1,0 +1,251 @@
+//! Which namespaces a workload cluster may map into: `allow`/`deny` globs over a set of
+//! protected namespaces that only a literal `allow` entry opens.
+
+use std::fmt;
+
+/// Namespaces no workload cluster may map into unless it lists them literally in
+/// `namespaces.allow`. The companion's own namespace is added to these.
+pub const PROTECTED_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "istio-system",
+];
+
+/// A namespace pattern: `*` matches any run of characters, `?` exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    /// Accepts patterns made of namespace characters (`a-z`, `0-9`, `-`) and the two
+    /// wildcards, at most 63 characters: anything else could never match a namespace,
+    /// so it is a typo worth reporting.
+    pub fn new(pattern: &str) -> Result<Glob, String> {
+        let valid = !pattern.is_empty()
+            && pattern.len() <= 63
+            && pattern
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-*?".contains(&b));
+        if valid {
+            Ok(Glob(pattern.to_owned()))
+        } else {
+            Err(format!(
+                "{pattern:?} is not a namespace pattern (a-z, 0-9, '-', '*', '?'; at most 63)"
+            ))
+        }
+    }
+
+    /// Whether `text` matches the whole pattern.
+    pub fn matches(&self, text: &str) -> bool {
+        // Iterative wildcard match: on a mismatch, let the last `*` swallow one more byte.
+        let (p, t) = (self.0.as_bytes(), text.as_bytes());
+        let (mut pi, mut ti) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while ti < t.len() {
+            match p.get(pi) {
+                Some(b'*') => {
+                    star = Some((pi, ti));
+                    pi += 1;
+                }
+                Some(&c) if c == b'?' || c == t[ti] => {
+                    pi += 1;
+                    ti += 1;
+                }
+                _ => match star {
+                    Some((sp, st)) => {
+                        pi = sp + 1;
+                        ti = st + 1;
+                        star = Some((sp, st + 1));
+                    }
+                    None => return false,
+                },
+            }
+        }
+        p[pi.min(p.len())..].iter().all(|&c| c == b'*')
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a namespace was refused; `Display` is the log detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceDenied {
+    /// A `deny` pattern matched.
+    Denied(String),
+    /// `allow` is set and no pattern matched.
+    NotAllowed,
+    /// A protected namespace that `allow` does not list literally.
+    Protected,
+}
+
+impl fmt::Display for NamespaceDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamespaceDenied::Denied(pattern) => {
+                write!(f, "matches namespaces.deny pattern {pattern:?}")
+            }
+            NamespaceDenied::NotAllowed => f.write_str("matches no namespaces.allow pattern"),
+            NamespaceDenied::Protected => {
+                f.write_str("protected namespace; only a literal namespaces.allow entry opens it")
+            }
+        }
+    }
+}
+
+/// The namespaces one workload cluster may map into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespacePolicy {
+    allow: Vec<Glob>,
+    deny: Vec<Glob>,
+    protected: Vec<String>,
+}
+
+impl NamespacePolicy {
+    /// A policy from the configured globs. `own_namespace` (the companion's) is protected
+    /// like [`PROTECTED_NAMESPACES`].
+    pub fn new(allow: Vec<Glob>, deny: Vec<Glob>, own_namespace: &str) -> NamespacePolicy {
+        let mut protected: Vec<String> = PROTECTED_NAMESPACES.map(str::to_owned).to_vec();
+        if !own_namespace.is_empty() && !protected.iter().any(|p| p == own_namespace) {
+            protected.push(own_namespace.to_owned());
+        }
+        NamespacePolicy {
+            allow,
+            deny,
+            protected,
+        }
+    }
+
+    /// Admits `namespace` or says why not. Deny wins over allow; a non-empty allow list
+    /// restricts to its patterns; a protected namespace needs a literal allow entry (a
+    /// wildcard such as `*` never opens one).
+    pub fn admits(&self, namespace: &str) -> Result<(), NamespaceDenied> {
+        if let Some(pattern) = self.deny.iter().find(|g| g.matches(namespace)) {
+            return Err(NamespaceDenied::Denied(pattern.as_str().to_owned()));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|g| g.matches(namespace)) {
+            return Err(NamespaceDenied::NotAllowed);
+        }
+        let literal = self.allow.iter().any(|g| g.as_str() == namespace);
+        if self.protected.iter().any(|p| p == namespace) && !literal {
+            return Err(NamespaceDenied::Protected);
+        }
+        Ok(())
+    }
+
+    /// The protected namespaces, the companion's own included (for the start-up log).
+    pub fn protected(&self) -> &[String] {
+        &self.protected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn globs(patterns: &[&str]) -> Vec<Glob> {
+        patterns.iter().map(|p| Glob::new(p).unwrap()).collect()
+    }
+
+    fn policy(allow: &[&str], deny: &[&str]) -> NamespacePolicy {
+        NamespacePolicy::new(globs(allow), globs(deny), "tokensmith-system")
+    }
+
+    #[test]
+    fn globs_match_whole_names_with_star_and_question_mark() {
+        let table = [
+            ("app-*", "app-prod", true),
+            ("app-*", "app-", true),
+            ("app-*", "myapp-prod", false),
+            ("*-prod", "app-prod", true),
+            ("*-prod", "app-prod-2", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abcabc", true),
+            ("a*b*c", "aXbY", false),
+            ("team-?", "team-a", true),
+            ("team-?", "team-ab", false),
+            ("*", "anything", true),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("**", "x", true),
+        ];
+        for (pattern, text, want) in table {
+            assert_eq!(
+                Glob::new(pattern).unwrap().matches(text),
+                want,
+                "{pattern} ~ {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn patterns_with_characters_no_namespace_has_are_rejected() {
+        for bad in ["", "Kube-*", "app_prod", "a/b", "a b", &"a".repeat(64)] {
+            assert!(Glob::new(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            Glob::new("Kube_*").unwrap_err(),
+            "\"Kube_*\" is not a namespace pattern (a-z, 0-9, '-', '*', '?'; at most 63)"
+        );
+    }
+
+    #[test]
+    fn system_and_own_namespaces_are_denied_by_default() {
+        let p = policy(&[], &[]);
+        for ns in [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            "istio-system",
+            "tokensmith-system",
+        ] {
+            assert_eq!(p.admits(ns), Err(NamespaceDenied::Protected), "{ns}");
+        }
+        assert_eq!(p.admits("app-prod"), Ok(()));
+        assert_eq!(p.admits("default"), Ok(()));
+    }
+
+    #[test]
+    fn only_a_literal_allow_entry_opens_a_protected_namespace() {
+        assert_eq!(
+            policy(&["*"], &[]).admits("kube-system"),
+            Err(NamespaceDenied::Protected)
+        );
+        assert_eq!(
+            policy(&["kube-*"], &[]).admits("kube-system"),
+            Err(NamespaceDenied::Protected)
+        );
+        assert_eq!(policy(&["kube-system"], &[]).admits("kube-system"), Ok(()));
+        // Opening one protected namespace opens no other.
+        assert_eq!(
+            policy(&["kube-system", "*"], &[]).admits("istio-system"),
+            Err(NamespaceDenied::Protected)
+        );
+    }
+
+    #[test]
+    fn an_allow_list_restricts_and_deny_wins() {
+        let p = policy(&["app-*", "kube-system"], &["app-secret*"]);
+        assert_eq!(p.admits("app-prod"), Ok(()));
+        assert_eq!(p.admits("other"), Err(NamespaceDenied::NotAllowed));
+        assert_eq!(
+            p.admits("app-secrets"),
+            Err(NamespaceDenied::Denied("app-secret*".into()))
+        );
+        let deny_system = policy(&["kube-system"], &["kube-system"]);
+        assert_eq!(
+            deny_system.admits("kube-system"),
+            Err(NamespaceDenied::Denied("kube-system".into()))
+        );
+    }
+
+    #[test]
+    fn the_own_namespace_joins_the_protected_list_once() {
+        let p = NamespacePolicy::new(Vec::new(), Vec::new(), "kube-system");
+        assert_eq!(p.protected().len(), PROTECTED_NAMESPACES.len());
+        let p = NamespacePolicy::new(Vec::new(), Vec::new(), "ops");
+        assert_eq!(p.protected().last().map(String::as_str), Some("ops"));
+    }
+}

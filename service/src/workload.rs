@@ -1,0 +1,462 @@
+//! The workload clusters a token may come from: which one a token belongs to (by its
+//! unverified `iss`), how that cluster validates it (TokenReview or JWKS), and which
+//! namespaces it may map into. The set is swapped whole when the clusters file changes.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+use crate::{
+    Error,
+    authz::{Denial, decision::DenyReason},
+    cluster::{self, Cluster, ClusterSource},
+    clusters::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method, namespaces::NamespacePolicy},
+    identity::WorkloadIdentity,
+    jwks::{JwksValidator, KeySource, verify},
+    review::{Review, Reviewer},
+    secret::BearerToken,
+};
+
+/// The name of the one cluster of `--workload-kubeconfig`, as logged.
+pub const SINGLE_CLUSTER_NAME: &str = "workload";
+
+/// Longest issuer quoted in a log line: the value is not secret, but attacker-chosen.
+const MAX_LOGGED_ISSUER: usize = 200;
+
+/// How one cluster's tokens are validated. An enum, not a trait object: there are two
+/// known ways, chosen per cluster by the configuration.
+#[derive(Clone)]
+pub enum Validator {
+    /// TokenReview on the cluster's API server.
+    TokenReview(Box<Reviewer>),
+    /// Signature checks against its published keys.
+    Jwks(JwksValidator),
+}
+
+/// One workload cluster, ready to validate tokens.
+pub struct WorkloadCluster {
+    name: Arc<str>,
+    issuer: String,
+    audiences: Vec<String>,
+    leeway: Duration,
+    namespaces: Option<NamespacePolicy>,
+    validator: Validator,
+    /// The JWKS source it was built from, to keep the validator across reloads.
+    jwks_source: Option<KeySource>,
+}
+
+impl WorkloadCluster {
+    /// The configured name (`workload` for `--workload-kubeconfig`).
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Validates `token` with this cluster's method. Only an authenticated service
+    /// account with valid namespace and name passes.
+    pub async fn validate(&self, token: &BearerToken) -> Result<Review, Denial> {
+        match &self.validator {
+            Validator::TokenReview(reviewer) => reviewer.review(token).await,
+            Validator::Jwks(jwks) => {
+                let expect = verify::Expectations {
+                    issuer: &self.issuer,
+                    audiences: &self.audiences,
+                    leeway: self.leeway,
+                };
+                jwks.validate(token, &expect).await
+            }
+        }
+    }
+
+    /// Applies the namespace policy (none for `--workload-kubeconfig`).
+    pub fn admit(&self, identity: &WorkloadIdentity) -> Result<(), Denial> {
+        let Some(policy) = &self.namespaces else {
+            return Ok(());
+        };
+        let namespace = identity.service_account.namespace();
+        policy.admits(namespace).map_err(|why| Denial {
+            reason: DenyReason::NamespaceNotAllowed,
+            detail: Some(format!("namespace {namespace:?}: {why}")),
+        })
+    }
+
+    /// Whether the cluster can validate tokens now: a TokenReview cluster's API server
+    /// answers, a JWKS cluster has keys. `Err` says why not.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), String> {
+        match &self.validator {
+            Validator::TokenReview(reviewer) => reviewer.reachable(timeout).await,
+            Validator::Jwks(jwks) if jwks.has_keys() => Ok(()),
+            Validator::Jwks(_) => Err("no JWKS keys loaded yet".to_owned()),
+        }
+    }
+
+    /// Whether it validates with TokenReview.
+    pub fn uses_token_review(&self) -> bool {
+        matches!(self.validator, Validator::TokenReview(_))
+    }
+}
+
+/// The clusters in force: either the one `--workload-kubeconfig` cluster, which gets every
+/// token, or the clusters of the file, each getting the tokens of its issuer.
+pub struct WorkloadSet {
+    clusters: Vec<Arc<WorkloadCluster>>,
+    by_issuer: HashMap<String, Arc<WorkloadCluster>>,
+    single: bool,
+    generation: u64,
+}
+
+impl WorkloadSet {
+    /// The cluster `token` belongs to, by its unverified `iss` (checked again, with the
+    /// signature, by JWKS validation). With `--workload-kubeconfig` alone, that cluster.
+    pub fn select(&self, token: &BearerToken) -> Result<Arc<WorkloadCluster>, Denial> {
+        if self.single
+            && let Some(only) = self.clusters.first()
+        {
+            return Ok(only.clone());
+        }
+        let unknown = |detail: String| Denial {
+            reason: DenyReason::UnknownIssuer,
+            detail: Some(detail),
+        };
+        let issuer = verify::unverified_issuer(token.expose())
+            .ok_or_else(|| unknown("no iss claim (not a JWT?)".to_owned()))?;
+        self.by_issuer.get(&issuer).cloned().ok_or_else(|| {
+            let shown: String = issuer.chars().take(MAX_LOGGED_ISSUER).collect();
+            unknown(format!("issuer {shown:?} is not configured"))
+        })
+    }
+
+    /// The clusters, in configuration order.
+    pub fn clusters(&self) -> &[Arc<WorkloadCluster>] {
+        &self.clusters
+    }
+
+    /// Whether this is the `--workload-kubeconfig` cluster alone.
+    pub fn is_single(&self) -> bool {
+        self.single
+    }
+
+    /// 1 for the set built at start, one more for each reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// The handle the authorizer reads and the reloader swaps. Clones share the set.
+#[derive(Clone)]
+pub struct Workloads {
+    current: Arc<RwLock<Arc<WorkloadSet>>>,
+    loaded: Arc<Notify>,
+    kube_timeout: Duration,
+}
+
+impl Workloads {
+    /// The `--workload-kubeconfig` cluster alone: TokenReview for every token, no issuer
+    /// routing, no namespace policy — exactly the behaviour before clusters files.
+    pub async fn single(source: &ClusterSource, kube_timeout: Duration) -> Result<Self, Error> {
+        let client = cluster::client(Cluster::Workload, source, kube_timeout).await?;
+        let only = Arc::new(WorkloadCluster {
+            name: Arc::from(SINGLE_CLUSTER_NAME),
+            issuer: String::new(),
+            audiences: Vec::new(),
+            leeway: DEFAULT_LEEWAY,
+            namespaces: None,
+            validator: Validator::TokenReview(Box::new(Reviewer::new(client, Vec::new()))),
+            jwks_source: None,
+        });
+        let set = WorkloadSet {
+            clusters: vec![only],
+            by_issuer: HashMap::new(),
+            single: true,
+            generation: 1,
+        };
+        Ok(Self {
+            current: Arc::new(RwLock::new(Arc::new(set))),
+            loaded: Arc::new(Notify::new()),
+            kube_timeout,
+        })
+    }
+
+    /// The clusters of a clusters file. JWKS clusters start fetching their keys now.
+    pub async fn from_config(
+        config: &ClustersConfig,
+        path: &Path,
+        kube_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let loaded = Arc::new(Notify::new());
+        let set = build(config, path, kube_timeout, &loaded, None).await?;
+        Ok(Self {
+            current: Arc::new(RwLock::new(Arc::new(set))),
+            loaded,
+            kube_timeout,
+        })
+    }
+
+    /// Replaces the set with one built from `config`, keeping the validator (keys, fetch
+    /// task, refresh limit) of every JWKS cluster whose entry is unchanged. Checks in
+    /// flight finish with the set they started with. Returns the new generation.
+    pub async fn replace(&self, config: &ClustersConfig, path: &Path) -> Result<u64, Error> {
+        let previous = self.current();
+        let set = build(
+            config,
+            path,
+            self.kube_timeout,
+            &self.loaded,
+            Some(&previous),
+        )
+        .await?;
+        let generation = set.generation;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        Ok(generation)
+    }
+
+    /// The set in force.
+    pub fn current(&self) -> Arc<WorkloadSet> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Notified when a JWKS cluster loads its first keys (readiness waits on it).
+    pub fn keys_loaded(&self) -> &Arc<Notify> {
+        &self.loaded
+    }
+}
+
+async fn build(
+    config: &ClustersConfig,
+    path: &Path,
+    kube_timeout: Duration,
+    loaded: &Arc<Notify>,
+    previous: Option<&WorkloadSet>,
+) -> Result<WorkloadSet, Error> {
+    let mut clusters = Vec::with_capacity(config.clusters.len());
+    for spec in &config.clusters {
+        let reusable = previous.and_then(|p| {
+            p.clusters.iter().find(|old| {
+                *old.name == *spec.name
+                    && old.issuer == spec.issuer
+                    && matches!(&spec.method, Method::Jwks { source, .. }
+                        if old.jwks_source.as_ref() == Some(source))
+            })
+        });
+        let cluster = cluster(
+            spec,
+            path,
+            kube_timeout,
+            loaded,
+            reusable.map(|c| &c.validator),
+        )
+        .await?;
+        clusters.push(Arc::new(cluster));
+    }
+    let by_issuer = clusters
+        .iter()
+        .map(|c| (c.issuer.clone(), c.clone()))
+        .collect();
+    Ok(WorkloadSet {
+        clusters,
+        by_issuer,
+        single: false,
+        generation: previous.map_or(1, |p| p.generation + 1),
+    })
+}
+
+async fn cluster(
+    spec: &ClusterSpec,
+    path: &Path,
+    kube_timeout: Duration,
+    loaded: &Arc<Notify>,
+    reuse: Option<&Validator>,
+) -> Result<WorkloadCluster, Error> {
+    let problem = |field: &str, e: &dyn std::fmt::Display| Error::ClustersConfig {
+        path: path.to_owned(),
+        problem: format!("cluster {:?}: {field}: {e}", spec.name),
+    };
+    let (validator, leeway, jwks_source) = match &spec.method {
+        Method::TokenReview { kubeconfig } => {
+            let source = ClusterSource::Kubeconfig(kubeconfig.clone());
+            let client = cluster::client(Cluster::Workload, &source, kube_timeout)
+                .await
+                .map_err(|e| problem("tokenreview.kubeconfig", &e))?;
+            let reviewer = Reviewer::new(client, spec.audiences.clone());
+            (
+                Validator::TokenReview(Box::new(reviewer)),
+                DEFAULT_LEEWAY,
+                None,
+            )
+        }
+        Method::Jwks { source, leeway } => {
+            let validator = match reuse {
+                Some(existing) => existing.clone(),
+                None => Validator::Jwks(
+                    JwksValidator::new(&spec.name, &spec.issuer, source, loaded.clone())
+                        .map_err(|e| problem("jwks", &e))?,
+                ),
+            };
+            (validator, *leeway, Some(source.clone()))
+        }
+    };
+    Ok(WorkloadCluster {
+        name: Arc::from(spec.name.as_str()),
+        issuer: spec.issuer.clone(),
+        audiences: spec.audiences.clone(),
+        leeway,
+        namespaces: Some(spec.namespaces.clone()),
+        validator,
+        jwks_source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use serde_json::json;
+
+    use super::*;
+
+    fn b64(value: &serde_json::Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    }
+
+    /// A JWT-shaped token claiming `iss` (unsigned: selection reads, never trusts, it).
+    fn token(iss: &str) -> BearerToken {
+        BearerToken::new(format!(
+            "{}.{}.c2ln",
+            b64(&json!({"alg": "RS256"})),
+            b64(&json!({ "iss": iss }))
+        ))
+    }
+
+    fn config(names: &[&str]) -> ClustersConfig {
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xffu8; 256]);
+        let entries: String = names
+            .iter()
+            .map(|name| {
+                format!(
+                    "- name: {name}\n  issuer: https://{name}.example\n  jwks_data: {{keys: [{{kty: RSA, kid: k, n: {n}, e: AQAB}}]}}\n"
+                )
+            })
+            .collect();
+        crate::clusters::parse(&format!("clusters:\n{entries}"), Path::new("."), "ops").unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_are_routed_by_their_unverified_issuer() {
+        let workloads = Workloads::from_config(
+            &config(&["east", "west"]),
+            Path::new("c.yaml"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let set = workloads.current();
+        assert_eq!(set.generation(), 1);
+        assert!(!set.is_single());
+        let picked = set.select(&token("https://west.example")).ok().unwrap();
+        assert_eq!(&**picked.name(), "west");
+
+        let unknown = set.select(&token("https://south.example")).err().unwrap();
+        assert_eq!(unknown.reason, DenyReason::UnknownIssuer);
+        assert_eq!(
+            unknown.detail.as_deref(),
+            Some("issuer \"https://south.example\" is not configured")
+        );
+        let long = set.select(&token(&"x".repeat(500))).err().unwrap();
+        assert_eq!(
+            long.detail.unwrap().len(),
+            200 + "issuer \"\" is not configured".len()
+        );
+        let opaque = set
+            .select(&BearerToken::new("opaque".into()))
+            .err()
+            .unwrap();
+        assert_eq!(
+            (opaque.reason, opaque.detail.as_deref()),
+            (DenyReason::UnknownIssuer, Some("no iss claim (not a JWT?)"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_unchanged_jwks_clusters_and_replaces_the_rest() {
+        let path = Path::new("c.yaml");
+        let workloads =
+            Workloads::from_config(&config(&["east", "west"]), path, Duration::from_secs(1))
+                .await
+                .unwrap();
+        let keys_of = |set: &WorkloadSet, name: &str| {
+            let cluster = set
+                .clusters()
+                .iter()
+                .find(|c| &*c.name == name)
+                .cloned()
+                .unwrap();
+            match &cluster.validator {
+                Validator::Jwks(jwks) => jwks.keys().unwrap(),
+                Validator::TokenReview(_) => panic!("jwks expected"),
+            }
+        };
+        let before = workloads.current();
+        let mut changed = config(&["east", "west", "north"]);
+        // west's entry changes (another issuer): a new validator.
+        changed.clusters[1].issuer = "https://west-2.example".into();
+        let generation = workloads.replace(&changed, path).await.unwrap();
+        assert_eq!(generation, 2);
+        let after = workloads.current();
+        assert!(Arc::ptr_eq(
+            &keys_of(&before, "east"),
+            &keys_of(&after, "east")
+        ));
+        assert!(!Arc::ptr_eq(
+            &keys_of(&before, "west"),
+            &keys_of(&after, "west")
+        ));
+        assert!(after.select(&token("https://west.example")).is_err());
+        assert!(after.select(&token("https://north.example")).is_ok());
+        // The old set is untouched for checks still holding it.
+        assert!(before.select(&token("https://west.example")).is_ok());
+    }
+
+    #[test]
+    fn the_namespace_policy_applies_per_cluster() {
+        let spec = &config(&["east"]).clusters[0];
+        let cluster = WorkloadCluster {
+            name: Arc::from("east"),
+            issuer: spec.issuer.clone(),
+            audiences: Vec::new(),
+            leeway: DEFAULT_LEEWAY,
+            namespaces: Some(spec.namespaces.clone()),
+            validator: Validator::Jwks(
+                JwksValidator::new(
+                    "east",
+                    &spec.issuer,
+                    match &spec.method {
+                        Method::Jwks { source, .. } => source,
+                        Method::TokenReview { .. } => panic!("jwks expected"),
+                    },
+                    Arc::new(Notify::new()),
+                )
+                .unwrap(),
+            ),
+            jwks_source: None,
+        };
+        let identity = |ns: &str| WorkloadIdentity {
+            service_account: crate::identity::ServiceAccountRef::new(ns, "sa").unwrap(),
+            uid: String::new(),
+        };
+        assert!(cluster.admit(&identity("app")).is_ok());
+        let denial = cluster.admit(&identity("ops")).unwrap_err();
+        assert_eq!(denial.reason, DenyReason::NamespaceNotAllowed);
+        assert_eq!(
+            denial.detail.as_deref(),
+            Some(
+                "namespace \"ops\": protected namespace; only a literal namespaces.allow entry opens it"
+            )
+        );
+    }
+}
