@@ -6,7 +6,7 @@ WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
 TOOLS := $(CURDIR)/.tools
 
-.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy demo wasmplugin
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy demo wasmplugin bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -51,3 +51,6 @@ demo: build envoy ## two fake clusters, the companion, Envoy (both paths) and a 
 
 wasmplugin: build ## package the filter as an OCI image layout in target/wasmplugin-oci
 	wasmplugin/package.sh $(WASM) target/wasmplugin-oci
+
+bench: toolchain envoy ## bounded load run on 127.0.0.1: companion and Envoy, both paths (README "Performance")
+	$(CARGO) run --release --locked -q -p tokensmith-tests --bin tokensmith-load -- --requests 3000 --concurrency 32

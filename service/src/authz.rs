@@ -19,8 +19,13 @@ use tracing::{info, warn};
 use crate::{
     cluster::Cluster,
     deadline,
-    exchange::{Exchanger, bounded_lifetime},
+    exchange::{
+        bounded_lifetime,
+        cache::{CachedExchanger, ExchangeKey},
+    },
     identity::WorkloadIdentity,
+    metrics::{self, CheckLabels},
+    ratelimit::{Admission, RateLimiter},
     secret::ExchangedToken,
     workload::Workloads,
 };
@@ -57,6 +62,10 @@ pub enum Outcome {
         token: ExchangedToken,
         /// The lifetime we requested for it.
         lifetime: Duration,
+        /// Whether the exchanged token came from the exchange cache.
+        cache_hit: bool,
+        /// Whether the validation came from the validation cache.
+        validation_cached: bool,
     },
     /// Refuse. `identity` is known when the refusal came after validation.
     Denied {
@@ -73,7 +82,8 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Authorizer {
     workloads: Workloads,
-    exchanger: Exchanger,
+    exchanger: CachedExchanger,
+    limiter: Option<Arc<RateLimiter>>,
     token_expiration: Duration,
     kube_timeout: Duration,
 }
@@ -83,13 +93,15 @@ impl Authorizer {
     /// `kube_timeout` bounds the Kubernetes calls of one Check.
     pub fn new(
         workloads: Workloads,
-        exchanger: Exchanger,
+        exchanger: CachedExchanger,
+        limiter: Option<RateLimiter>,
         token_expiration: Duration,
         kube_timeout: Duration,
     ) -> Self {
         Self {
             workloads,
             exchanger,
+            limiter: limiter.map(Arc::new),
             token_expiration,
             kube_timeout,
         }
@@ -115,13 +127,28 @@ impl Authorizer {
             Err(denial) => return denied(None, None, denial),
         };
         let source = Some(cluster.name().clone());
-        let review = match tokio::time::timeout_at(deadline, cluster.validate(&token)).await {
-            Ok(Ok(review)) => review,
-            Ok(Err(denial)) => return denied(source, None, denial),
-            Err(_) => return denied(source, None, out_of_time(Cluster::Workload, budget)),
-        };
+        let (review, validation_cached) =
+            match tokio::time::timeout_at(deadline, cluster.validate(&token)).await {
+                Ok(Ok(validated)) => validated,
+                Ok(Err(denial)) => return denied(source, None, denial),
+                Err(_) => return denied(source, None, out_of_time(Cluster::Workload, budget)),
+            };
         if let Err(denial) = cluster.admit(&review.identity) {
             return denied(source, Some(review.identity), denial);
+        }
+        if let Some(limiter) = &self.limiter
+            && let Admission::Throttled { retry_after } =
+                limiter.admit(&review.identity.service_account).await
+        {
+            metrics::global().rate_limited.inc();
+            let seconds = u32::try_from(retry_after.as_secs())
+                .unwrap_or(u32::MAX)
+                .saturating_add(1);
+            return denied(
+                source,
+                Some(review.identity),
+                DenyReason::Throttled(seconds).into(),
+            );
         }
         let remaining = match review
             .expires_at
@@ -145,15 +172,20 @@ impl Authorizer {
             }
         };
         let lifetime = bounded_lifetime(self.token_expiration, remaining);
-        let exchange = self
-            .exchanger
-            .exchange(&review.identity.service_account, lifetime);
+        let key = ExchangeKey {
+            source: cluster.name().to_string(),
+            uid: review.identity.uid.clone(),
+            service_account: review.identity.service_account.clone(),
+        };
+        let exchange = self.exchanger.exchange(key, lifetime);
         match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(Ok(token)) => Outcome::Allowed {
+            Ok(Ok((token, cache_hit))) => Outcome::Allowed {
                 workload_cluster: cluster.name().clone(),
                 identity: review.identity,
                 token,
                 lifetime,
+                cache_hit,
+                validation_cached,
             },
             Ok(Err(denial)) => denied(source, Some(review.identity), denial),
             Err(_) => denied(
@@ -203,6 +235,8 @@ impl Authorization for AuthzService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        let m = metrics::global();
+        let _in_flight = InFlight::enter();
         let grpc_timeout = request
             .metadata()
             .get("grpc-timeout")
@@ -220,11 +254,40 @@ impl Authorization for AuthzService {
             Ok(header) => self.authorizer.decide(header.as_deref(), budget).await,
             Err(denial) => denied(None, None, denial),
         };
-        log_decision(&outcome, &request_id, started.elapsed());
+        let latency = started.elapsed();
+        log_decision(&outcome, &request_id, latency);
+        let labels = match &outcome {
+            Outcome::Allowed { .. } => CheckLabels {
+                decision: "allow",
+                reason: "ok",
+            },
+            Outcome::Denied { denial, .. } => CheckLabels {
+                decision: "deny",
+                reason: denial.reason.as_str(),
+            },
+        };
+        m.checks.get_or_create(&labels).inc();
+        m.check_duration.observe(latency.as_secs_f64());
         Ok(Response::new(match &outcome {
             Outcome::Allowed { token, .. } => decision::allow(token),
             Outcome::Denied { denial, .. } => decision::deny(denial.reason),
         }))
+    }
+}
+
+/// Counts a check in flight until dropped, also when Envoy gives up on it mid-way.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::global().checks_in_flight.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::global().checks_in_flight.dec();
     }
 }
 
@@ -277,6 +340,8 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
             identity,
             token,
             lifetime,
+            cache_hit,
+            validation_cached,
         } => {
             let expires_in_s = token
                 .expires_at
@@ -290,6 +355,8 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
                 uid = %identity.uid,
                 requested_lifetime_s = lifetime.as_secs(),
                 expires_in_s,
+                cache_hit,
+                validation_cached,
                 request_id,
                 latency_ms,
                 "check decided"

@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the Envoy ext_authz gRPC server that exchanges tokens.
-    Authz(AuthzArgs),
+    Authz(Box<AuthzArgs>),
     /// Run the demo greet gRPC service.
     Serve(ServeArgs),
     /// Call the demo greet service and print its answer.
@@ -75,6 +75,38 @@ pub struct AuthzArgs {
     /// own deadline (grpc-timeout) applies when sooner.
     #[arg(long, env = "TOKENSMITH_KUBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub kube_timeout: Duration,
+    /// Most Kubernetes calls in flight per API server; more wait for a slot within
+    /// their check's deadline.
+    #[arg(long, env = "TOKENSMITH_KUBE_MAX_CONCURRENCY", default_value_t = 32)]
+    pub kube_max_concurrency: usize,
+    /// Most exchanged tokens cached (0 turns the exchange cache off).
+    #[arg(long, env = "TOKENSMITH_CACHE_MAX_ENTRIES", default_value_t = 10_000)]
+    pub cache_max_entries: u64,
+    /// How long a TokenReview answer is reused (never past the token's expiry; 0 turns
+    /// the validation cache off).
+    #[arg(long, env = "TOKENSMITH_VALIDATION_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub validation_cache_ttl: Duration,
+    /// Checks per second allowed per service account (0 = no limit); past it, 429.
+    #[arg(long, env = "TOKENSMITH_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+    /// Burst of checks allowed per service account above the rate.
+    #[arg(long, env = "TOKENSMITH_RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
+    /// Address of the metrics endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "TOKENSMITH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// PEM certificate chain: serve gRPC over TLS (reloaded when the file changes).
+    #[arg(long, env = "TOKENSMITH_TLS_CERT", default_value = "")]
+    pub tls_cert: String,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TOKENSMITH_TLS_KEY", default_value = "")]
+    pub tls_key: String,
+    /// PEM CA bundle: require client certificates signed by it (mTLS).
+    #[arg(long, env = "TOKENSMITH_CLIENT_CA", default_value = "")]
+    pub client_ca: String,
+    /// Largest gRPC message accepted or sent.
+    #[arg(long, env = "TOKENSMITH_GRPC_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub grpc_max_message_bytes: usize,
 }
 
 /// Flags of `tokensmith serve`.

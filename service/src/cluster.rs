@@ -53,18 +53,19 @@ impl ClusterSource {
     }
 }
 
-/// How much later than `--kube-timeout` the client's own timeouts fire.
+/// How much later than `--kube-timeout` the client's connect timeout fires.
 const BACKSTOP_MARGIN: Duration = Duration::from_millis(500);
 
-/// Builds a client whose every response must arrive shortly after `timeout` and that never
+/// Builds a client that connects within about `timeout` and that never
 /// retries on its own: a Check has one budget, and a 429/503 from an API server is
 /// better answered with a 503 now than retried into the caller's deadline (and into an
 /// API server that is already overloaded).
 pub async fn client(
     cluster: Cluster,
     source: &ClusterSource,
-    timeout: Duration,
+    settings: &KubeSettings,
 ) -> Result<kube::Client, Error> {
+    let timeout = settings.timeout;
     let mut config = match source {
         ClusterSource::Kubeconfig(path) => {
             let file = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
@@ -84,14 +85,41 @@ pub async fn client(
             kube::Config::incluster().map_err(|source| Error::InCluster { cluster, source })?
         }
     };
-    // Each Check bounds its calls with its own deadline (≤ `timeout`); these are a
-    // backstop for everything else, set a little later so the deadline fires first.
-    let backstop = timeout + BACKSTOP_MARGIN;
-    config.connect_timeout = Some(backstop);
-    config.read_timeout = Some(backstop);
-    config.write_timeout = Some(backstop);
+    // Every call is bounded by an explicit deadline (the Check's, or a timeout around
+    // start-up checks and background refreshes). `read_timeout`/`write_timeout` stay
+    // unset on purpose: kube applies them to the pooled connection's idle read, so idle
+    // keep-alive connections die every few seconds and a request racing with that death
+    // fails ("connection error: timed out") — found by the 500-request concurrency test.
+    config.connect_timeout = Some(timeout + BACKSTOP_MARGIN);
     config.default_retry = false;
-    kube::Client::try_from(config).map_err(|source| Error::Client { cluster, source })
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|source| Error::Client { cluster, source })?;
+    // At most this many calls in flight to this API server; the rest wait for a slot
+    // within their Check's deadline, so a burst cannot stampede it.
+    let limit = tower::limit::ConcurrencyLimitLayer::new(settings.max_concurrency);
+    Ok(builder.with_layer(&limit).build())
+}
+
+/// How the companion talks to API servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// `--kube-timeout`: the bound on one Check's calls (and the clients' backstop).
+    pub timeout: Duration,
+    /// `--kube-max-concurrency`: calls in flight per API server.
+    pub max_concurrency: usize,
+    /// `--validation-cache-ttl`: how long a TokenReview answer is reused (0: never).
+    pub validation_cache_ttl: Duration,
+}
+
+impl KubeSettings {
+    /// Defaults for tests and tools: 5 s, 32 in flight, 10 s validation cache.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            max_concurrency: 32,
+            validation_cache_ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 /// What a failed Kubernetes call means for the request. `not_found` and `forbidden` are

@@ -5,9 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use crate::{
     Error,
     cli::AuthzArgs,
-    cluster::ClusterSource,
+    cluster::{ClusterSource, KubeSettings},
     clusters::{self, ClustersConfig},
     exchange::MIN_TOKEN_LIFETIME,
+    tls::TlsFiles,
 };
 
 /// Where the pod's namespace is mounted, with its service-account token.
@@ -50,6 +51,18 @@ pub struct AuthzConfig {
     pub audiences: Vec<String>,
     /// Bound on the Kubernetes calls of one check.
     pub kube_timeout: Duration,
+    /// Kubernetes client settings (timeout, concurrency, validation cache).
+    pub kube: KubeSettings,
+    /// Most exchanged tokens cached; 0: no exchange cache.
+    pub cache_max_entries: u64,
+    /// Per-identity rate limit (checks/s, burst); `None`: unlimited.
+    pub rate_limit: Option<(f64, u32)>,
+    /// The metrics endpoint.
+    pub metrics_addr: SocketAddr,
+    /// TLS for the gRPC listener; `None`: plain text (e.g. behind the mesh's mTLS).
+    pub tls: Option<TlsFiles>,
+    /// Largest gRPC message in either direction.
+    pub grpc_max_message_bytes: usize,
     /// How long in-flight checks may take to finish on shutdown.
     pub drain_grace: Duration,
 }
@@ -86,6 +99,62 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 ),
             });
         }
+        if args.kube_max_concurrency == 0 {
+            return Err(Error::Config {
+                flag: "--kube-max-concurrency",
+                problem: "must be at least 1".to_owned(),
+            });
+        }
+        if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0) {
+            return Err(Error::Config {
+                flag: "--rate-limit",
+                problem: format!("{} is not a rate (checks per second, ≥ 0)", args.rate_limit),
+            });
+        }
+        if args.rate_limit > 0.0 && args.rate_limit_burst == 0 {
+            return Err(Error::Config {
+                flag: "--rate-limit-burst",
+                problem: "must be at least 1 when --rate-limit is set".to_owned(),
+            });
+        }
+        if args.grpc_max_message_bytes < 4096 {
+            return Err(Error::Config {
+                flag: "--grpc-max-message-bytes",
+                problem: format!(
+                    "{} is too small for a CheckRequest (at least 4096)",
+                    args.grpc_max_message_bytes
+                ),
+            });
+        }
+        let tls = match (
+            args.tls_cert.as_str(),
+            args.tls_key.as_str(),
+            args.client_ca.as_str(),
+        ) {
+            ("", "", "") => None,
+            ("", _, _) => {
+                return Err(Error::Config {
+                    flag: "--tls-cert",
+                    problem: "is required with --tls-key or --client-ca".to_owned(),
+                });
+            }
+            (_, "", _) => {
+                return Err(Error::Config {
+                    flag: "--tls-key",
+                    problem: "is required with --tls-cert".to_owned(),
+                });
+            }
+            (cert, key, ca) => {
+                let files = TlsFiles {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                    client_ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+                };
+                // Unreadable or mismatched files are a start-up error, not a first-connection one.
+                files.load()?;
+                Some(files)
+            }
+        };
         let companion_namespace = companion_namespace(&args.companion_namespace);
         let workloads = if args.clusters_config.is_empty() {
             WorkloadsSource::Kubeconfig(ClusterSource::from_flag(&args.workload_kubeconfig))
@@ -109,6 +178,16 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
             token_expiration: args.token_expiration,
             audiences: args.audiences,
             kube_timeout: args.kube_timeout,
+            kube: KubeSettings {
+                timeout: args.kube_timeout,
+                max_concurrency: args.kube_max_concurrency,
+                validation_cache_ttl: args.validation_cache_ttl,
+            },
+            cache_max_entries: args.cache_max_entries,
+            rate_limit: (args.rate_limit > 0.0).then_some((args.rate_limit, args.rate_limit_burst)),
+            metrics_addr: args.metrics_addr,
+            tls,
+            grpc_max_message_bytes: args.grpc_max_message_bytes,
             drain_grace: DRAIN_GRACE,
         })
     }
@@ -138,7 +217,7 @@ mod tests {
         let Command::Authz(a) = Cli::try_parse_from(args).unwrap().command else {
             panic!("authz")
         };
-        AuthzConfig::try_from(a)
+        AuthzConfig::try_from(*a)
     }
 
     #[test]

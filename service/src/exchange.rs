@@ -1,6 +1,8 @@
 //! TokenRequest against the management cluster, and the rule that bounds the exchanged
 //! token's lifetime by the workload token's.
 
+pub mod cache;
+
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::{
@@ -58,18 +60,25 @@ impl Exchanger {
             },
             ..Default::default()
         };
+        let started = std::time::Instant::now();
         let response = api
             .create_token_request(service_account.name(), &PostParams::default(), &request)
-            .await
-            .map_err(|e| Denial {
-                reason: cluster::classify(
-                    &e,
-                    Cluster::Management,
-                    Some(DenyReason::UnknownServiceAccount),
-                    Some(DenyReason::ExchangeForbidden),
-                ),
-                detail: Some(cluster::describe(&e)),
-            })?;
+            .await;
+        crate::metrics::global().kube_call(
+            "management",
+            "tokenrequest",
+            crate::metrics::code_of(&response, "201"),
+            started.elapsed(),
+        );
+        let response = response.map_err(|e| Denial {
+            reason: cluster::classify(
+                &e,
+                Cluster::Management,
+                Some(DenyReason::UnknownServiceAccount),
+                Some(DenyReason::ExchangeForbidden),
+            ),
+            detail: Some(cluster::describe(&e)),
+        })?;
         let status = response
             .status
             .filter(|s| !s.token.is_empty())

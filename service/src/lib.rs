@@ -21,10 +21,14 @@ pub mod exchange;
 pub mod greet;
 pub mod identity;
 pub mod jwks;
+pub mod metrics;
+pub mod ops;
+pub mod ratelimit;
 pub mod review;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod workload;
 
 pub use error::Error;

@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Authz(args) => {
-            let config = AuthzConfig::try_from(args)?;
+            let config = AuthzConfig::try_from(*args)?;
             let running = server::start(config).await?;
             running.wait().await.context("ext_authz server")?;
         }

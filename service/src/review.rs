@@ -7,12 +7,49 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
 
+use sha2::{Digest, Sha256};
+
 use crate::{
     authz::{Denial, decision::DenyReason},
     cluster::{self, Cluster},
     identity::{IdentityError, ServiceAccountRef, WorkloadIdentity},
+    metrics::{self, CacheLabels},
     secret::BearerToken,
 };
+
+/// Most tokens whose review is remembered at once.
+const VALIDATION_CACHE_ENTRIES: u64 = 100_000;
+/// How long a rejection is remembered: enough to absorb a retry storm, short enough
+/// that a token that starts working (clock skew, new SA) is not refused for long.
+const REJECTION_TTL: Duration = Duration::from_secs(1);
+
+/// What the validation cache remembers: an answer the API server gave (not a failure to
+/// get one: those are never kept).
+type Answer = Result<Review, Denial>;
+
+/// Keeps an accepted token until min(ttl, its expiry), a rejection for at most 1 s.
+struct AnswerExpiry {
+    ttl: Duration,
+}
+
+impl moka::Expiry<[u8; 32], Answer> for AnswerExpiry {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        answer: &Answer,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(match answer {
+            Ok(review) => {
+                let left = review.expires_at.map_or(self.ttl, |at| {
+                    at.duration_since(SystemTime::now()).unwrap_or_default()
+                });
+                self.ttl.min(left)
+            }
+            Err(_) => self.ttl.min(REJECTION_TTL),
+        })
+    }
+}
 
 /// Validates workload tokens with the workload cluster's TokenReview API.
 #[derive(Clone)]
@@ -20,7 +57,13 @@ pub struct Reviewer {
     client: kube::Client,
     api: Api<TokenReview>,
     audiences: Vec<String>,
+    /// Keyed by SHA-256 of the token, never the token itself; `None` when the TTL is 0.
+    cache: Option<moka::future::Cache<[u8; 32], Answer>>,
 }
+
+const VALIDATION: CacheLabels = CacheLabels {
+    cache: "validation",
+};
 
 /// A token the workload cluster accepted, and when it stops being valid.
 #[derive(Debug, Clone)]
@@ -36,11 +79,21 @@ impl Reviewer {
     /// A reviewer using `client` (built for the workload cluster). Non-empty `audiences`
     /// go into the TokenReview, so the API server also checks `aud`; empty means the API
     /// server's own audiences.
-    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
+    /// Answers are reused for `validation_ttl` (0: never).
+    pub fn new(client: kube::Client, audiences: Vec<String>, validation_ttl: Duration) -> Self {
+        let cache = (!validation_ttl.is_zero()).then(|| {
+            moka::future::Cache::builder()
+                .max_capacity(VALIDATION_CACHE_ENTRIES)
+                .expire_after(AnswerExpiry {
+                    ttl: validation_ttl,
+                })
+                .build()
+        });
         Self {
             api: Api::all(client.clone()),
             client,
             audiences,
+            cache,
         }
     }
 
@@ -53,9 +106,37 @@ impl Reviewer {
         }
     }
 
-    /// Asks the workload cluster about `token`. Only an authenticated service account
-    /// with valid namespace and name passes.
-    pub async fn review(&self, token: &BearerToken) -> Result<Review, Denial> {
+    /// Asks the workload cluster about `token` (or reuses its recent answer). Only an
+    /// authenticated service account with valid namespace and name passes. Concurrent
+    /// reviews of one token make one call. Returns whether the answer was cached.
+    pub async fn review(&self, token: &BearerToken) -> Result<(Review, bool), Denial> {
+        let Some(cache) = &self.cache else {
+            return self.ask(token).await.map(|r| (r, false));
+        };
+        let key: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
+        let m = metrics::global();
+        if let Some(answer) = cache.get(&key).await {
+            m.cache_hits.get_or_create(&VALIDATION).inc();
+            return answer.map(|r| (r, true));
+        }
+        m.cache_misses.get_or_create(&VALIDATION).inc();
+        let answer = cache
+            .try_get_with(key, async {
+                match self.ask(token).await {
+                    Ok(review) => Ok(Ok(review)),
+                    // The cluster's own verdict on the token: remember it briefly.
+                    Err(d) if !d.reason.is_dependency_failure() => Ok(Err(d)),
+                    // We could not get a verdict: try again next time.
+                    Err(d) => Err(d),
+                }
+            })
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        answer.map(|r| (r, false))
+    }
+
+    async fn ask(&self, token: &BearerToken) -> Result<Review, Denial> {
+        let started = std::time::Instant::now();
         let request = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.expose().to_owned()),
@@ -63,14 +144,17 @@ impl Reviewer {
             },
             ..Default::default()
         };
-        let response = self
-            .api
-            .create(&PostParams::default(), &request)
-            .await
-            .map_err(|e| Denial {
-                reason: cluster::classify(&e, Cluster::Workload, None, None),
-                detail: Some(cluster::describe(&e)),
-            })?;
+        let response = self.api.create(&PostParams::default(), &request).await;
+        metrics::global().kube_call(
+            "workload",
+            "tokenreview",
+            metrics::code_of(&response, "201"),
+            started.elapsed(),
+        );
+        let response = response.map_err(|e| Denial {
+            reason: cluster::classify(&e, Cluster::Workload, None, None),
+            detail: Some(cluster::describe(&e)),
+        })?;
         let status = response.status.unwrap_or_default();
         // A real API server omits `authenticated` when it rejects a token.
         if status.authenticated != Some(true) {

@@ -13,7 +13,10 @@ use crate::{
     cluster::{self, Cluster},
     clusters::reload,
     config::{AuthzConfig, WorkloadsSource},
-    exchange::Exchanger,
+    exchange::{Exchanger, cache::CachedExchanger},
+    metrics, ops,
+    ratelimit::RateLimiter,
+    tls::{self, ReloadingTls},
     workload::Workloads,
 };
 
@@ -24,7 +27,9 @@ const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 pub struct Running {
     /// The address actually bound.
     pub addr: SocketAddr,
-    health: HealthReporter,
+    /// The metrics endpoint's bound address.
+    pub metrics_addr: SocketAddr,
+    health: Health,
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     startup: JoinHandle<()>,
@@ -39,13 +44,13 @@ pub struct Running {
 pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let workloads = match &config.workloads {
         WorkloadsSource::Kubeconfig(source) => {
-            Workloads::single(source, config.kube_timeout).await?
+            Workloads::single(source, config.kube, &config.companion_namespace).await?
         }
         WorkloadsSource::File {
             path,
             config: clusters,
         } => {
-            let workloads = Workloads::from_config(clusters, path, config.kube_timeout).await?;
+            let workloads = Workloads::from_config(clusters, path, config.kube).await?;
             let names: Vec<&str> = clusters.clusters.iter().map(|c| c.name.as_str()).collect();
             info!(
                 path = %path.display(),
@@ -57,14 +62,23 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
             workloads
         }
     };
-    let management =
-        cluster::client(Cluster::Management, &config.management, config.kube_timeout).await?;
+    let management = cluster::client(Cluster::Management, &config.management, &config.kube).await?;
+    let exchanger = CachedExchanger::new(
+        Exchanger::new(management.clone(), config.audiences.clone()),
+        config.cache_max_entries,
+        config.kube_timeout,
+    );
+    let limiter = config
+        .rate_limit
+        .map(|(rate, burst)| RateLimiter::new(rate, burst));
     let authorizer = Authorizer::new(
         workloads.clone(),
-        Exchanger::new(management.clone(), config.audiences.clone()),
+        exchanger,
+        limiter,
         config.token_expiration,
         config.kube_timeout,
     );
+    let tls = config.tls.clone().map(ReloadingTls::new).transpose()?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -77,8 +91,14 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         source,
     })?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health {
+        reporter,
+        ready: ops::Readiness::default(),
+    };
+    health.set(ServingStatus::NotServing).await;
+    let metrics_addr =
+        ops::serve(config.metrics_addr, metrics::global(), health.ready.clone()).await?;
     let startup = tokio::spawn(startup_check(
         management,
         workloads.clone(),
@@ -99,20 +119,32 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     };
 
     let (shutdown, stop) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(AuthorizationServer::new(AuthzService::new(authorizer)))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop.await;
-                },
-            ),
-    );
-    info!(%addr, "ext_authz server listening");
+    let stop = async {
+        let _ = stop.await;
+    };
+    let limit = config.grpc_max_message_bytes;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            AuthorizationServer::new(AuthzService::new(authorizer))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        );
+    let server = match tls {
+        // No Nagle: small gRPC frames would otherwise wait for delayed ACKs (~40 ms).
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop,
+        )),
+        Some(tls) => {
+            tokio::spawn(tls.clone().watch());
+            tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stop))
+        }
+    };
+    info!(%addr, tls = config.tls.is_some(), mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "ext_authz server listening");
     Ok(Running {
         addr,
+        metrics_addr,
         health,
         shutdown,
         server,
@@ -141,7 +173,7 @@ impl Running {
     pub async fn drain(mut self, grace: Duration) -> Result<(), Error> {
         info!(grace_s = grace.as_secs_f64(), "draining");
         self.stop_background();
-        set_health(&self.health, ServingStatus::NotServing).await;
+        self.health.set(ServingStatus::NotServing).await;
         let _ = self.shutdown.send(());
         match tokio::time::timeout(grace, &mut self.server).await {
             Ok(result) => result??,
@@ -167,9 +199,21 @@ impl Running {
     }
 }
 
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(AUTHZ_SERVICE, status).await;
+/// gRPC health and the metrics endpoint's `/readyz`, always set together.
+#[derive(Clone)]
+struct Health {
+    reporter: HealthReporter,
+    ready: ops::Readiness,
+}
+
+impl Health {
+    async fn set(&self, status: ServingStatus) {
+        self.ready.set(status == ServingStatus::Serving);
+        self.reporter.set_service_status("", status).await;
+        self.reporter
+            .set_service_status(AUTHZ_SERVICE, status)
+            .await;
+    }
 }
 
 /// Reports SERVING once the management API server answered `GET /version` and at least
@@ -180,7 +224,7 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 async fn startup_check(
     management: kube::Client,
     workloads: Workloads,
-    health: HealthReporter,
+    health: Health,
     timeout: Duration,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -220,7 +264,7 @@ async fn startup_check(
             }
         }
         if management_ok && !ready.is_empty() {
-            set_health(&health, ServingStatus::Serving).await;
+            health.set(ServingStatus::Serving).await;
             if set.is_single() {
                 info!("both API servers reachable; serving");
             } else {

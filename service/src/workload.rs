@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::{
     Error,
     authz::{Denial, decision::DenyReason},
-    cluster::{self, Cluster, ClusterSource},
+    cluster::{self, Cluster, ClusterSource, KubeSettings},
     clusters::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method, namespaces::NamespacePolicy},
     identity::WorkloadIdentity,
     jwks::{JwksValidator, KeySource, verify},
@@ -58,7 +58,8 @@ impl WorkloadCluster {
 
     /// Validates `token` with this cluster's method. Only an authenticated service
     /// account with valid namespace and name passes.
-    pub async fn validate(&self, token: &BearerToken) -> Result<Review, Denial> {
+    /// Also says whether the answer came from the validation cache (TokenReview only).
+    pub async fn validate(&self, token: &BearerToken) -> Result<(Review, bool), Denial> {
         match &self.validator {
             Validator::TokenReview(reviewer) => reviewer.review(token).await,
             Validator::Jwks(jwks) => {
@@ -67,12 +68,12 @@ impl WorkloadCluster {
                     audiences: &self.audiences,
                     leeway: self.leeway,
                 };
-                jwks.validate(token, &expect).await
+                jwks.validate(token, &expect).await.map(|r| (r, false))
             }
         }
     }
 
-    /// Applies the namespace policy (none for `--workload-kubeconfig`).
+    /// Applies the namespace policy.
     pub fn admit(&self, identity: &WorkloadIdentity) -> Result<(), Denial> {
         let Some(policy) = &self.namespaces else {
             return Ok(());
@@ -151,21 +152,35 @@ impl WorkloadSet {
 pub struct Workloads {
     current: Arc<RwLock<Arc<WorkloadSet>>>,
     loaded: Arc<Notify>,
-    kube_timeout: Duration,
+    settings: KubeSettings,
 }
 
 impl Workloads {
     /// The `--workload-kubeconfig` cluster alone: TokenReview for every token, no issuer
-    /// routing, no namespace policy — exactly the behaviour before clusters files.
-    pub async fn single(source: &ClusterSource, kube_timeout: Duration) -> Result<Self, Error> {
-        let client = cluster::client(Cluster::Workload, source, kube_timeout).await?;
+    /// routing. Its namespace policy is the safe default (the system namespaces and the
+    /// companion's own are refused): a workload-cluster admin can create any service
+    /// account name, and opening those namespaces takes a clusters file that says so.
+    pub async fn single(
+        source: &ClusterSource,
+        settings: KubeSettings,
+        companion_namespace: &str,
+    ) -> Result<Self, Error> {
+        let client = cluster::client(Cluster::Workload, source, &settings).await?;
         let only = Arc::new(WorkloadCluster {
             name: Arc::from(SINGLE_CLUSTER_NAME),
             issuer: String::new(),
             audiences: Vec::new(),
             leeway: DEFAULT_LEEWAY,
-            namespaces: None,
-            validator: Validator::TokenReview(Box::new(Reviewer::new(client, Vec::new()))),
+            namespaces: Some(NamespacePolicy::new(
+                Vec::new(),
+                Vec::new(),
+                companion_namespace,
+            )),
+            validator: Validator::TokenReview(Box::new(Reviewer::new(
+                client,
+                Vec::new(),
+                settings.validation_cache_ttl,
+            ))),
             jwks_source: None,
         });
         let set = WorkloadSet {
@@ -177,7 +192,7 @@ impl Workloads {
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(set))),
             loaded: Arc::new(Notify::new()),
-            kube_timeout,
+            settings,
         })
     }
 
@@ -185,14 +200,14 @@ impl Workloads {
     pub async fn from_config(
         config: &ClustersConfig,
         path: &Path,
-        kube_timeout: Duration,
+        settings: KubeSettings,
     ) -> Result<Self, Error> {
         let loaded = Arc::new(Notify::new());
-        let set = build(config, path, kube_timeout, &loaded, None).await?;
+        let set = build(config, path, settings, &loaded, None).await?;
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(set))),
             loaded,
-            kube_timeout,
+            settings,
         })
     }
 
@@ -201,14 +216,7 @@ impl Workloads {
     /// flight finish with the set they started with. Returns the new generation.
     pub async fn replace(&self, config: &ClustersConfig, path: &Path) -> Result<u64, Error> {
         let previous = self.current();
-        let set = build(
-            config,
-            path,
-            self.kube_timeout,
-            &self.loaded,
-            Some(&previous),
-        )
-        .await?;
+        let set = build(config, path, self.settings, &self.loaded, Some(&previous)).await?;
         let generation = set.generation;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
         Ok(generation)
@@ -231,7 +239,7 @@ impl Workloads {
 async fn build(
     config: &ClustersConfig,
     path: &Path,
-    kube_timeout: Duration,
+    settings: KubeSettings,
     loaded: &Arc<Notify>,
     previous: Option<&WorkloadSet>,
 ) -> Result<WorkloadSet, Error> {
@@ -245,14 +253,7 @@ async fn build(
                         if old.jwks_source.as_ref() == Some(source))
             })
         });
-        let cluster = cluster(
-            spec,
-            path,
-            kube_timeout,
-            loaded,
-            reusable.map(|c| &c.validator),
-        )
-        .await?;
+        let cluster = cluster(spec, path, settings, loaded, reusable.map(|c| &c.validator)).await?;
         clusters.push(Arc::new(cluster));
     }
     let by_issuer = clusters
@@ -270,7 +271,7 @@ async fn build(
 async fn cluster(
     spec: &ClusterSpec,
     path: &Path,
-    kube_timeout: Duration,
+    settings: KubeSettings,
     loaded: &Arc<Notify>,
     reuse: Option<&Validator>,
 ) -> Result<WorkloadCluster, Error> {
@@ -281,10 +282,14 @@ async fn cluster(
     let (validator, leeway, jwks_source) = match &spec.method {
         Method::TokenReview { kubeconfig } => {
             let source = ClusterSource::Kubeconfig(kubeconfig.clone());
-            let client = cluster::client(Cluster::Workload, &source, kube_timeout)
+            let client = cluster::client(Cluster::Workload, &source, &settings)
                 .await
                 .map_err(|e| problem("tokenreview.kubeconfig", &e))?;
-            let reviewer = Reviewer::new(client, spec.audiences.clone());
+            let reviewer = Reviewer::new(
+                client,
+                spec.audiences.clone(),
+                settings.validation_cache_ttl,
+            );
             (
                 Validator::TokenReview(Box::new(reviewer)),
                 DEFAULT_LEEWAY,
@@ -351,7 +356,7 @@ mod tests {
         let workloads = Workloads::from_config(
             &config(&["east", "west"]),
             Path::new("c.yaml"),
-            Duration::from_secs(1),
+            crate::cluster::KubeSettings::with_timeout(Duration::from_secs(1)),
         )
         .await
         .unwrap();
@@ -385,10 +390,13 @@ mod tests {
     #[tokio::test]
     async fn a_reload_keeps_unchanged_jwks_clusters_and_replaces_the_rest() {
         let path = Path::new("c.yaml");
-        let workloads =
-            Workloads::from_config(&config(&["east", "west"]), path, Duration::from_secs(1))
-                .await
-                .unwrap();
+        let workloads = Workloads::from_config(
+            &config(&["east", "west"]),
+            path,
+            crate::cluster::KubeSettings::with_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
         let keys_of = |set: &WorkloadSet, name: &str| {
             let cluster = set
                 .clusters()

@@ -4,7 +4,7 @@
 use std::{
     ffi::{OsStr, OsString},
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -19,9 +19,46 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    Error,
+    Error, FakeCluster, Rights, ServiceAccount,
     process::{ChildProcess, tokensmith_bin},
 };
+
+/// A workload and a management cluster with `app-prod/eso-sa` in both, and kubeconfigs
+/// with only the rights the companion needs on each side.
+pub struct ClusterPair {
+    /// Where workload tokens come from.
+    pub workload: FakeCluster,
+    /// Where exchanged tokens come from.
+    pub management: FakeCluster,
+    /// `app-prod/eso-sa` in the workload cluster.
+    pub workload_sa: ServiceAccount,
+    /// `app-prod/eso-sa` in the management cluster.
+    pub management_sa: ServiceAccount,
+    /// `--workload-kubeconfig`: may create TokenReviews only.
+    pub reviewer: PathBuf,
+    /// `--management-kubeconfig`: may create service-account tokens only.
+    pub minter: PathBuf,
+}
+
+impl ClusterPair {
+    /// Starts both fake clusters.
+    pub async fn start() -> Result<Self, Error> {
+        let workload = FakeCluster::start("workload").await?;
+        let management = FakeCluster::start("management").await?;
+        let workload_sa = workload.add_service_account("app-prod", "eso-sa");
+        let management_sa = management.add_service_account("app-prod", "eso-sa");
+        let reviewer = workload.kubeconfig_with("tokensmith-reviewer", Rights::TOKEN_REVIEW)?;
+        let minter = management.kubeconfig_with("tokensmith", Rights::TOKEN_REQUEST)?;
+        Ok(Self {
+            workload,
+            management,
+            workload_sa,
+            management_sa,
+            reviewer,
+            minter,
+        })
+    }
+}
 
 /// How long a companion may take to listen and report SERVING.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -30,6 +67,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Companion {
     /// Where it listens (127.0.0.1, a free port it chose).
     pub addr: SocketAddr,
+    /// Its metrics endpoint (127.0.0.1, a free port).
+    pub metrics_addr: Option<SocketAddr>,
     process: ChildProcess,
     channel: Channel,
 }
@@ -58,16 +97,20 @@ impl Companion {
     pub async fn start_with_args<S: AsRef<OsStr>>(args: &[S]) -> Result<Self, Error> {
         let mut command = tokio::process::Command::new(tokensmith_bin()?);
         command
+            .args(["authz", "--addr", "127.0.0.1", "--port", "0"])
+            // Debug by default (tests read the logs); callers may choose another level.
+            .args(
+                (!args.iter().any(|a| a.as_ref() == "--log-level"))
+                    .then_some(["--log-level", "debug"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args([
-                "authz",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--log-level",
-                "debug",
                 "--log-format",
                 "json",
+                // Tests run in parallel: never the default 0.0.0.0:9090.
+                "--metrics-addr",
+                "127.0.0.1:0",
             ])
             .args(args)
             // Nothing from the developer's environment may steer the test.
@@ -86,13 +129,23 @@ impl Companion {
                     .then(|| v["addr"].as_str()?.parse().ok())?
             })
             .await?;
+        // Logged before the gRPC listener's line, so it is there by now.
+        let metrics_addr = process
+            .wait_for_line(START_TIMEOUT, |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                (v["message"] == "metrics endpoint listening")
+                    .then(|| v["addr"].as_str()?.parse().ok())?
+            })
+            .await
+            .ok();
+        // Lazy: with --tls-cert a plain-text connection would fail; TLS tests bring
+        // their own channel.
         let channel = Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Process(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| Error::Process(format!("connect to companion: {e}")))?;
+            .connect_lazy();
         Ok(Self {
             addr,
+            metrics_addr,
             process,
             channel,
         })
@@ -181,6 +234,19 @@ impl Companion {
         }
         let response = AuthorizationClient::new(self.channel.clone())
             .check(request)
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// A Check over plain-text HTTP/2 (fails against a TLS listener).
+    pub async fn plain_check(&self) -> Result<CheckResponse, tonic::Status> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let response = AuthorizationClient::new(channel)
+            .check(envoy_like_check(&[]))
             .await?;
         Ok(response.into_inner())
     }

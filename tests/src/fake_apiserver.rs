@@ -75,6 +75,16 @@ impl Rights {
         token_request: true,
         read: true,
     };
+    /// What the companion needs in a workload cluster: create TokenReviews.
+    pub const TOKEN_REVIEW: Rights = Rights {
+        token_review: true,
+        ..Rights::NONE
+    };
+    /// What the companion needs in the management cluster: create service-account tokens.
+    pub const TOKEN_REQUEST: Rights = Rights {
+        token_request: true,
+        ..Rights::NONE
+    };
     /// Nothing but discovery, which every authenticated user may read.
     pub const NONE: Rights = Rights {
         token_review: false,

@@ -7,6 +7,7 @@ pub mod envoy;
 pub mod fake_apiserver;
 pub mod http;
 pub mod process;
+pub mod tls;
 pub mod upstream;
 
 pub use fake_apiserver::{

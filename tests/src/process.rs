@@ -180,17 +180,24 @@ pub fn tokensmith_bin() -> Result<PathBuf, Error> {
     BUILT
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let profile = profile_dir()?;
+            let mut args = vec!["build", "--quiet", "--workspace", "--bins"];
+            // The same profile as the running program: a release load tool drives a
+            // release companion.
+            if profile.ends_with("release") {
+                args.push("--release");
+            }
             let status = std::process::Command::new(cargo)
                 // The same selection as `make build`, so features unify the same way and
                 // nothing is compiled twice.
-                .args(["build", "--quiet", "--workspace", "--bins"])
+                .args(&args)
                 .current_dir(workspace_root())
                 .status()
                 .map_err(|e| format!("cannot run cargo build: {e}"))?;
             if !status.success() {
                 return Err(format!("cargo build --workspace --bins failed: {status}"));
             }
-            let bin = profile_dir()?.join("tokensmith");
+            let bin = profile.join("tokensmith");
             if bin.is_file() {
                 Ok(bin)
             } else {

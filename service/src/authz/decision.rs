@@ -39,12 +39,15 @@ pub enum DenyReason {
     DeadlineExceeded(Cluster),
     /// A cluster is unreachable, overloaded, failing or refuses our own credentials.
     Unavailable(Cluster),
+    /// The identity exceeded `--rate-limit`; retry after this many seconds.
+    Throttled(u32),
 }
 
 /// gRPC codes used in `CheckResponse.status` (google.rpc.Code).
 mod code {
     pub const OK: i32 = 0;
     pub const PERMISSION_DENIED: i32 = 7;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
     pub const UNAVAILABLE: i32 = 14;
     pub const UNAUTHENTICATED: i32 = 16;
 }
@@ -65,7 +68,17 @@ impl DenyReason {
             DeadlineExceeded(_) | Unavailable(_) => {
                 (StatusCode::ServiceUnavailable, code::UNAVAILABLE)
             }
+            Throttled(_) => (StatusCode::TooManyRequests, code::RESOURCE_EXHAUSTED),
         }
+    }
+
+    /// Whether this is a failure to reach a dependency (503-class) rather than a verdict
+    /// on the request: such answers are never cached.
+    pub fn is_dependency_failure(self) -> bool {
+        matches!(
+            self,
+            DenyReason::DeadlineExceeded(_) | DenyReason::Unavailable(_)
+        )
     }
 
     /// The reason as logged (`reason` field): stable, snake_case.
@@ -83,6 +96,7 @@ impl DenyReason {
             NamespaceNotAllowed => "namespace_not_allowed",
             DeadlineExceeded(_) => "deadline_exceeded",
             Unavailable(_) => "unavailable",
+            Throttled(_) => "throttled",
         }
     }
 
@@ -101,6 +115,7 @@ impl DenyReason {
             NamespaceNotAllowed => "namespace not allowed for this workload cluster",
             DeadlineExceeded(_) => "identity service timed out",
             Unavailable(_) => "identity service unavailable",
+            Throttled(_) => "too many requests",
         }
     }
 
@@ -173,6 +188,9 @@ pub fn deny(reason: DenyReason) -> CheckResponse {
     if let Some(challenge) = reason.challenge() {
         headers.push(header("www-authenticate", challenge.to_owned()));
     }
+    if let DenyReason::Throttled(seconds) = reason {
+        headers.push(header("retry-after", seconds.to_string()));
+    }
     CheckResponse {
         status: Some(Status {
             code: grpc,
@@ -229,6 +247,7 @@ mod tests {
             (NamespaceNotAllowed, 403, 7),
             (DeadlineExceeded(Cluster::Workload), 503, 14),
             (Unavailable(Cluster::Management), 503, 14),
+            (Throttled(2), 429, 8),
         ];
         for (reason, http, grpc) in table {
             let (got_grpc, got_http, _, body) = denied(reason);
@@ -252,6 +271,7 @@ mod tests {
             NamespaceNotAllowed,
             DeadlineExceeded(Cluster::Workload),
             Unavailable(Cluster::Workload),
+            Throttled(3),
         ];
         for reason in &all {
             match reason {
@@ -265,10 +285,18 @@ mod tests {
                 | ExchangeForbidden
                 | NamespaceNotAllowed
                 | DeadlineExceeded(_)
-                | Unavailable(_) => {}
+                | Unavailable(_)
+                | Throttled(_) => {}
             }
         }
         all
+    }
+
+    #[test]
+    fn a_throttled_denial_says_when_to_retry() {
+        let (_, _, headers, body) = denied(DenyReason::Throttled(4));
+        assert!(headers.contains(&("retry-after".into(), "4".into())));
+        assert_eq!(body, "too many requests");
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub async fn clusters_entry(kubeconfig: &Path, name: Option<&str>) -> Result<Str
     let client = cluster::client(
         Cluster::Workload,
         &ClusterSource::Kubeconfig(kubeconfig.to_owned()),
-        TIMEOUT,
+        &cluster::KubeSettings::with_timeout(TIMEOUT),
     )
     .await?;
     let discovery = get(&client, "/.well-known/openid-configuration").await?;

@@ -38,20 +38,8 @@ async fn main() -> Result<()> {
         workload_sa.uid, management_sa.uid
     );
 
-    let reviewer = workload.kubeconfig_with(
-        "tokensmith-reviewer",
-        Rights {
-            token_review: true,
-            ..Rights::NONE
-        },
-    )?;
-    let minter = management.kubeconfig_with(
-        "tokensmith",
-        Rights {
-            token_request: true,
-            ..Rights::NONE
-        },
-    )?;
+    let reviewer = workload.kubeconfig_with("tokensmith-reviewer", Rights::TOKEN_REVIEW)?;
+    let minter = management.kubeconfig_with("tokensmith", Rights::TOKEN_REQUEST)?;
     let companion = Companion::start_serving(&reviewer, &minter, &[]).await?;
     println!(
         "2. tokensmith authz listens on {} (gRPC health: SERVING)",

@@ -10,7 +10,7 @@ use tokensmith_proto::envoy::{
 };
 use tokensmith_tests::{
     Endpoint, FakeCluster, Fault, Rights, ServiceAccount,
-    companion::{Companion, envoy_like_check},
+    companion::{ClusterPair, Companion, envoy_like_check},
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -26,24 +26,14 @@ pub struct World {
 impl World {
     /// Starts everything; the companion with least-privilege callers on both sides.
     pub async fn start(extra: &[&str]) -> Result<World> {
-        let workload = FakeCluster::start("workload").await?;
-        let management = FakeCluster::start("management").await?;
-        let workload_sa = workload.add_service_account("app-prod", "eso-sa");
-        let management_sa = management.add_service_account("app-prod", "eso-sa");
-        let reviewer = workload.kubeconfig_with(
-            "tokensmith-reviewer",
-            Rights {
-                token_review: true,
-                ..Rights::NONE
-            },
-        )?;
-        let minter = management.kubeconfig_with(
-            "tokensmith",
-            Rights {
-                token_request: true,
-                ..Rights::NONE
-            },
-        )?;
+        let ClusterPair {
+            workload,
+            management,
+            workload_sa,
+            management_sa,
+            reviewer,
+            minter,
+        } = ClusterPair::start().await?;
         let companion = Companion::start_serving(&reviewer, &minter, extra).await?;
         Ok(World {
             workload,
@@ -239,7 +229,8 @@ async fn configured_audiences_are_requested_and_carried_by_the_exchanged_token()
 
 #[tokio::test]
 async fn lifetime_is_bounded_by_the_workload_token_with_the_api_minimum_as_floor() -> Result<()> {
-    let world = World::start(&[]).await?;
+    // No exchange cache: every token must lead to its own TokenRequest here.
+    let world = World::start(&["--cache-max-entries", "0"]).await?;
     let cases = [
         // (workload token lifetime, expected requested lifetime)
         (Duration::from_secs(900), 900),
@@ -385,6 +376,21 @@ async fn a_user_that_is_not_a_service_account_is_forbidden() -> Result<()> {
 }
 
 #[tokio::test]
+async fn system_namespaces_are_never_mapped_even_with_a_single_kubeconfig() -> Result<()> {
+    let world = World::start(&["--companion-namespace", "tokensmith-system"]).await?;
+    for namespace in ["kube-system", "istio-system", "tokensmith-system"] {
+        let sa = world.workload.add_service_account(namespace, "admin-sa");
+        world.management.add_service_account(namespace, "admin-sa");
+        let response = world.check_bearer(&world.workload.mint(&sa).sign()).await?;
+        assert_denied(&world, &response, 403, 7, "namespace_not_allowed")
+            .await
+            .context(namespace)?;
+    }
+    assert_eq!(world.management.count(Endpoint::TokenRequest), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn missing_or_malformed_headers_are_unauthorized_without_calling_kubernetes() -> Result<()> {
     let world = World::start(&[]).await?;
     let response = world.companion.check(&[]).await?;
@@ -444,6 +450,8 @@ async fn an_unreachable_api_server_is_service_unavailable() -> Result<()> {
     world.management.clear_faults();
 
     world.workload.inject(Fault::Refuse);
+    // A token the companion has not reviewed yet (the first one's review is cached).
+    let token = world.workload_token(Duration::from_secs(3599));
     let response = world.check_bearer(&token).await?;
     assert_denied(&world, &response, 503, 14, "unavailable").await?;
     let line = decisions(&world.companion).pop().context("decision")?;

@@ -47,6 +47,9 @@ pub fn path_filter(
         Path::ExtAuthz => {
             let mut settings = ExtAuthz::recommended(companion);
             settings.failure_mode_allow = fail_open;
+            if let Some(ms) = filter_config.get("timeout_ms").and_then(Value::as_u64) {
+                settings.timeout = Duration::from_millis(ms);
+            }
             ext_authz_filter(&settings)
         }
         Path::Filter => {
@@ -347,7 +350,10 @@ async fn five_hundred_requests_at_32_in_flight_all_get_their_own_identity(
 ) -> Result<()> {
     const REQUESTS: usize = 500;
     const IN_FLIGHT: usize = 32;
-    let stage = Stage::start(path, &[]).await?;
+    // The companion's caches off: every request takes the whole exchange path. A long
+    // deadline: this is about correctness under concurrency, not latency on 2 cores.
+    let caches_off = ["--cache-max-entries", "0", "--validation-cache-ttl", "0"];
+    let stage = Stage::start_with(path, &caches_off, &json!({"timeout_ms": 10000})).await?;
     let names = ["eso-sa", "reader", "writer", "auditor"];
     let mut tokens = Vec::new();
     for name in names {

@@ -49,7 +49,17 @@ async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
     assert_eq!(stage.get(Some(&first)).await?.status, 200);
     assert_eq!(stage.get(Some(&second)).await?.status, 200);
     assert_eq!(stage.get(Some(&first)).await?.status, 200);
-    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 2);
+    // The filter asked the companion once per new token (the third was a filter cache
+    // hit); each token was reviewed once.
+    let checks = stage
+        .world
+        .companion
+        .log_records()
+        .into_iter()
+        .filter(|r| r["message"] == "check decided")
+        .count();
+    assert_eq!(checks, 2);
+    assert_eq!(stage.world.workload.count(Endpoint::TokenReview), 2);
     Ok(())
 }
 
@@ -57,7 +67,9 @@ async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
 async fn an_entry_is_refreshed_before_it_expires() -> Result<()> {
     // Exchanged tokens live 600 s; with a 597 s refresh window an entry serves ~3 s.
     let config = json!({"cache": {"refresh_before_expiry_s": 597}});
-    let stage = Stage::start_with(Path::Filter, &["--token-expiration", "600"], &config).await?;
+    // The companion's own cache off, so the refresh shows as a new management token.
+    let companion = ["--token-expiration", "600", "--cache-max-entries", "0"];
+    let stage = Stage::start_with(Path::Filter, &companion, &config).await?;
     let token = stage.world.workload_token(Duration::from_secs(3600));
     assert_eq!(stage.get(Some(&token)).await?.status, 200);
     assert_eq!(stage.get(Some(&token)).await?.status, 200);

@@ -39,13 +39,7 @@ struct Scene {
 impl Scene {
     async fn new() -> Result<Scene> {
         let management = FakeCluster::start("management").await?;
-        let minter = management.kubeconfig_with(
-            "tokensmith",
-            Rights {
-                token_request: true,
-                ..Rights::NONE
-            },
-        )?;
+        let minter = management.kubeconfig_with("tokensmith", Rights::TOKEN_REQUEST)?;
         Ok(Scene {
             management,
             minter,
@@ -589,13 +583,7 @@ async fn jwks_and_tokenreview_clusters_mix_and_each_sees_only_its_own_tokens() -
     let west_system = west.add_service_account("kube-system", "admin");
     scene.grant("app-prod", "eso-sa");
     scene.grant("kube-system", "admin");
-    let reviewer = west.kubeconfig_with(
-        "tokensmith-reviewer",
-        Rights {
-            token_review: true,
-            ..Rights::NONE
-        },
-    )?;
+    let reviewer = west.kubeconfig_with("tokensmith-reviewer", Rights::TOKEN_REVIEW)?;
     let west_entry = format!(
         "- name: west\n  issuer: {}\n  tokenreview:\n    kubeconfig: {}\n",
         west.issuer(),

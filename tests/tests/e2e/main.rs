@@ -6,4 +6,5 @@ mod envoy;
 mod fake_apiserver;
 mod filter;
 mod jwks;
+mod production;
 mod wasmplugin;
