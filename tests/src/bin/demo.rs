@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokensmith_proto::envoy::service::auth::v3::check_response::HttpResponse;
 use tokensmith_tests::{
-    Claims, Endpoint, FakeCluster, Rights,
+    Claims, FakeCluster, Rights,
     companion::Companion,
     envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter, wasm_filter},
     http,
@@ -117,7 +117,13 @@ async fn main() -> Result<()> {
         filter_upstream.addr,
     ))
     .await?;
-    let before = management.count(Endpoint::TokenRequest);
+    let checks = |c: &Companion| {
+        c.log_records()
+            .iter()
+            .filter(|r| r["message"] == "check decided")
+            .count()
+    };
+    let before = checks(&companion);
     let bearer = format!("Bearer {workload_token}");
     for i in 1..=3 {
         let reply = http::get(
@@ -138,10 +144,10 @@ async fn main() -> Result<()> {
             .trim_start_matches("Bearer "),
     )?;
     println!(
-        "   the upstream got a management token for {}/{}; TokenRequests for 3 requests: {}; filter cache hits: {}",
+        "   the upstream got a management token for {}/{}; Checks sent to the companion for 3 requests: {}; filter cache hits: {}",
         m.namespace,
         m.service_account_name,
-        management.count(Endpoint::TokenRequest) - before,
+        checks(&companion) - before,
         filter_envoy
             .stat("wasmcustom.tokensmith.cache_hits")
             .await?,
@@ -172,18 +178,21 @@ async fn main() -> Result<()> {
         upstream.count()
     );
 
-    println!("6. The companion's decision log (no token in it):");
+    println!(
+        "7. The companion's decision log (no token in it; its own exchange cache answers repeats):"
+    );
     for record in companion
         .log_records()
         .iter()
         .filter(|r| r["message"] == "check decided")
     {
         println!(
-            "   decision={} reason={} namespace={} service_account={} latency_ms={:.1}",
+            "   decision={} reason={} namespace={} service_account={} cache_hit={} latency_ms={:.1}",
             record["decision"].as_str().unwrap_or(""),
             record["reason"].as_str().unwrap_or("-"),
             record["namespace"].as_str().unwrap_or("-"),
             record["service_account"].as_str().unwrap_or("-"),
+            record["cache_hit"].as_bool().unwrap_or(false),
             record["latency_ms"].as_f64().unwrap_or(0.0),
         );
     }
