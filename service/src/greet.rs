@@ -36,12 +36,13 @@ pub async fn serve(addr: SocketAddr) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })?;
+    let signal = crate::server::shutdown_signal();
     tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "greet service listening");
     tonic::transport::Server::builder()
         .add_service(GreeterServer::new(GreetService))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            crate::server::shutdown_signal(),
+            signal,
         )
         .await?;
     Ok(())

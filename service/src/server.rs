@@ -30,6 +30,8 @@ pub struct Running {
     /// The metrics endpoint's bound address.
     pub metrics_addr: SocketAddr,
     health: Health,
+    /// Installed before the server says it listens.
+    signal: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     startup: JoinHandle<()>,
@@ -141,11 +143,14 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
             tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stop))
         }
     };
+    let signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(shutdown_signal());
     info!(%addr, tls = config.tls.is_some(), mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "ext_authz server listening");
     Ok(Running {
         addr,
         metrics_addr,
         health,
+        signal: Some(signal),
         shutdown,
         server,
         startup,
@@ -157,8 +162,9 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
 impl Running {
     /// Serves until SIGTERM or SIGINT, then drains.
     pub async fn wait(mut self) -> Result<(), Error> {
+        let signal = self.signal.take();
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = async { match signal { Some(s) => s.await, None => std::future::pending().await } } => {}
             result = &mut self.server => {
                 self.stop_background();
                 return Ok(result??);
@@ -281,22 +287,33 @@ async fn startup_check(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Installs the SIGTERM and SIGINT handlers at once (so a signal that arrives before
+/// the future is awaited is not lost to the default action) and resolves on either.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
+            (term, int) => {
+                let error = term
+                    .err()
+                    .or(int.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                warn!(
+                    error,
+                    "cannot listen for SIGTERM/SIGINT; stop the process with SIGKILL"
+                );
                 std::future::pending::<()>().await;
             }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
+        info!("shutdown signal received");
     }
-    info!("shutdown signal received");
 }

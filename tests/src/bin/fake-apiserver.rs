@@ -84,22 +84,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(namespace, service_account = name, uid = %sa.uid, "service account created");
     }
 
+    // Handlers first: a SIGTERM right after `ready` must stop us cleanly, not kill us.
+    let signals = wait_for_signal()?;
     println!("ready {}", cluster.url());
-    wait_for_signal().await?;
+    signals.await?;
     tracing::info!("signal received, stopping");
     cluster.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-        _ = terminate.recv() => {}
-    }
-    Ok(())
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
