@@ -5,6 +5,7 @@ use std::{env, path::PathBuf};
 
 const FILES: &[&str] = &[
     "proto/envoy/service/auth/v3/external_auth.proto",
+    "proto/envoy/config/core/v3/grpc_service.proto",
     "proto/tokensmith/greet/v1/greet.proto",
 ];
 

@@ -1,6 +1,7 @@
 //! The in-proxy cache of exchanged tokens: a fixed number of shared-data slots (the
 //! bound), each addressed by a hash of the whole presented token and holding that
-//! token's full digest, so an entry is never served for another token.
+//! token's full digest, so an entry is never served for another token. Slot keys carry
+//! the plugin's scope, so two plugins or two configurations never share an entry.
 
 use sha2::{Digest as _, Sha256};
 
@@ -36,12 +37,14 @@ pub struct Entry {
     pub workload_expiry: Option<u64>,
     /// When the exchanged token expires (Unix s).
     pub expiry: u64,
+    /// Served until then at the latest (Unix s): stored + min(max age, companion's limit).
+    pub not_after: u64,
     /// The header value to set (`Bearer <exchanged token>`).
     pub value: String,
 }
 
-const VERSION: u8 = 1;
-const HEADER_LEN: usize = 1 + 32 + 8 + 8;
+const VERSION: u8 = 2;
+const HEADER_LEN: usize = 1 + 32 + 8 + 8 + 8;
 /// How often an insert retries after losing a compare-and-swap race.
 const MAX_ATTEMPTS: usize = 4;
 
@@ -55,19 +58,35 @@ pub fn slot(digest: &Digest, slots: u32) -> u32 {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % slots.max(1)
 }
 
-/// The shared-data key of a slot.
-pub fn key(slot: u32) -> String {
-    format!("tokensmith.cache.{slot}")
+/// The scope of a plugin's slots: a digest of its name, root id and whole configuration
+/// (every setting, the companion's cluster and the cache's included).
+pub fn scope(plugin_name: &[u8], root_id: &[u8], configuration: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    for part in [plugin_name, root_id, configuration] {
+        hash.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The shared-data key of a slot in `scope`.
+pub fn key(scope: &str, slot: u32) -> String {
+    format!("tokensmith.{scope}.cache.{slot}")
 }
 
 impl Entry {
-    /// Serialized form: version, digest, workload expiry (0 = none), expiry, value.
+    /// Serialized form: version, digest, workload expiry (0 = none), expiry, not after,
+    /// value.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.value.len());
         out.push(VERSION);
         out.extend_from_slice(&self.digest);
         out.extend_from_slice(&self.workload_expiry.unwrap_or(0).to_be_bytes());
         out.extend_from_slice(&self.expiry.to_be_bytes());
+        out.extend_from_slice(&self.not_after.to_be_bytes());
         out.extend_from_slice(self.value.as_bytes());
         out
     }
@@ -80,19 +99,23 @@ impl Entry {
         let digest: Digest = bytes[1..33].try_into().ok()?;
         let workload = u64::from_be_bytes(bytes[33..41].try_into().ok()?);
         let expiry = u64::from_be_bytes(bytes[41..49].try_into().ok()?);
+        let not_after = u64::from_be_bytes(bytes[49..57].try_into().ok()?);
         let value = String::from_utf8(bytes[HEADER_LEN..].to_vec()).ok()?;
         Some(Entry {
             digest,
             workload_expiry: (workload != 0).then_some(workload),
             expiry,
+            not_after,
             value,
         })
     }
 
-    /// Whether this entry may answer for `digest` at `now`: same token, outside the
-    /// refresh window of the exchanged token, and before the workload token's expiry.
+    /// Whether this entry may answer for `digest` at `now`: same token, within its age
+    /// limit, outside the refresh window of the exchanged token, and before the workload
+    /// token's expiry.
     pub fn serves(&self, digest: &Digest, now: u64, refresh_before_expiry: u64) -> bool {
         self.digest == *digest
+            && now < self.not_after
             && now.saturating_add(refresh_before_expiry) < self.expiry
             && self.workload_expiry.is_none_or(|w| now < w)
     }
@@ -117,7 +140,8 @@ pub fn lookup(
 
 /// Stores `entry` in its slot, replacing whatever is there (the slot count is the
 /// bound; the newest exchange wins), with compare-and-swap so concurrent workers never
-/// interleave. An entry for the same token that lives at least as long is kept.
+/// interleave. An entry for the same token that lives and serves at least as long is
+/// kept.
 pub fn insert(
     store: &impl SlotStore,
     config: &CacheConfig,
@@ -133,6 +157,7 @@ pub fn insert(
         if let Some(existing) = current.as_deref().and_then(Entry::decode)
             && existing.digest == entry.digest
             && existing.expiry >= entry.expiry
+            && existing.not_after >= entry.not_after
         {
             return Ok(());
         }
@@ -142,6 +167,19 @@ pub fn insert(
         }
     }
     Err(StoreError::CasMismatch)
+}
+
+/// Empties the first `slots` slots of `store` (a scope given up on reconfiguration), so
+/// shared data holds at most one configuration's entries per plugin.
+pub fn clear(store: &impl SlotStore, slots: u32) {
+    for slot in 0..slots {
+        if let Ok((Some(bytes), cas)) = store.load(slot)
+            && !bytes.is_empty()
+        {
+            // A lost race means someone rewrote it: nothing to clear then.
+            let _ = store.store(slot, &[], cas);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +231,7 @@ pub(crate) mod tests {
             enabled: true,
             slots,
             refresh_before_expiry: Duration::from_secs(60),
+            max_age: Duration::from_secs(60),
         }
     }
 
@@ -201,6 +240,7 @@ pub(crate) mod tests {
             digest: digest(token),
             workload_expiry: Some(5000),
             expiry,
+            not_after: 10_000,
             value: format!("Bearer m-{token}"),
         }
     }
@@ -269,6 +309,56 @@ pub(crate) mod tests {
     }
 
     #[wasm_bindgen_test(unsupported = test)]
+    fn nothing_is_served_past_its_age_limit() {
+        let store = MemoryStore::default();
+        let c = config(8);
+        let young = Entry {
+            not_after: 1060,
+            ..entry("a", 4000)
+        };
+        insert(&store, &c, &young).unwrap();
+        assert!(lookup(&store, &c, &digest("a"), 1059).is_some());
+        assert_eq!(lookup(&store, &c, &digest("a"), 1060), None, "too old");
+        // A re-check after the age limit stores the same token again, serving longer.
+        let renewed = Entry {
+            not_after: 1120,
+            ..young
+        };
+        insert(&store, &c, &renewed).unwrap();
+        assert!(lookup(&store, &c, &digest("a"), 1100).is_some());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn scopes_differ_by_plugin_root_and_configuration() {
+        let base = scope(b"istio-system.tokensmith", b"", b"{}");
+        assert_eq!(base.len(), 16);
+        assert_eq!(base, scope(b"istio-system.tokensmith", b"", b"{}"));
+        for other in [
+            scope(b"istio-system.other", b"", b"{}"),
+            scope(b"istio-system.tokensmith", b"r", b"{}"),
+            scope(b"istio-system.tokensmith", b"", b"{ }"),
+            // Length prefixes keep the parts apart.
+            scope(b"istio-system.tokensmit", b"h", b"{}"),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_eq!(key("ab", 7), "tokensmith.ab.cache.7");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn clearing_empties_every_slot() {
+        let store = MemoryStore::default();
+        let c = config(4);
+        for token in ["a", "b", "c", "d", "e"] {
+            insert(&store, &c, &entry(token, 4000)).unwrap();
+        }
+        clear(&store, 4);
+        for token in ["a", "b", "c", "d", "e"] {
+            assert_eq!(lookup(&store, &c, &digest(token), 1000), None);
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
     fn a_lost_compare_and_swap_is_retried() {
         let store = MemoryStore::default();
         let c = config(8);
@@ -320,6 +410,5 @@ pub(crate) mod tests {
         for token in ["a", "b", "c", "d", "e"] {
             assert!(slot(&digest(token), 3) < 3);
         }
-        assert_eq!(key(7), "tokensmith.cache.7");
     }
 }

@@ -1,11 +1,14 @@
 //! The Check RPC as the filter speaks it: building the CheckRequest (the fields Envoy's
 //! ext_authz filter sends for these headers) and reading the CheckResponse.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use prost::Message;
 use tokensmith_proto::envoy::{
-    config::core::v3::{HeaderValueOption, header_value_option::HeaderAppendAction},
+    config::core::v3::{
+        GrpcService, HeaderValueOption, grpc_service::EnvoyGrpc, grpc_service::TargetSpecifier,
+        header_value_option::HeaderAppendAction,
+    },
     service::auth::v3::{
         AttributeContext, CheckRequest, CheckResponse,
         attribute_context::{HttpRequest, Request},
@@ -13,7 +16,10 @@ use tokensmith_proto::envoy::{
     },
 };
 
-use crate::{Error, config::Config};
+use crate::{Error, config::Config, headers::Headers};
+
+/// The key of the companion's reuse limit (seconds) in `CheckResponse.dynamic_metadata`.
+pub const REUSE_KEY: &str = "tokensmith_reuse_s";
 
 /// The gRPC service and method the filter calls.
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -48,11 +54,29 @@ pub enum HeaderEdit {
     Remove(String),
 }
 
+impl HeaderEdit {
+    /// The header it changes.
+    pub fn name(&self) -> &str {
+        match self {
+            HeaderEdit::Set(name, _)
+            | HeaderEdit::Add(name, _)
+            | HeaderEdit::SetIfAbsent(name, _)
+            | HeaderEdit::SetIfPresent(name, _)
+            | HeaderEdit::Remove(name) => name,
+        }
+    }
+}
+
 /// The companion's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Continue, with these edits (header mutations first, then removals).
-    Allow(Vec<HeaderEdit>),
+    Allow {
+        /// The edits.
+        edits: Vec<HeaderEdit>,
+        /// How long a proxy may reuse this answer, when the companion says.
+        reuse: Option<Duration>,
+    },
     /// Answer the client with this.
     Deny {
         /// HTTP status (403 when the companion gave none, as Envoy does).
@@ -64,25 +88,46 @@ pub enum Verdict {
     },
 }
 
-/// The encoded CheckRequest for a request with `headers` (lower-case names, as the host
-/// gives them): `:method`, `:path`, `:authority`, `:scheme` into their fields, the
-/// configured `forward_headers` into the header map, and the credential always as
-/// `authorization`, the header the companion reads.
-pub fn request(config: &Config, headers: &[(String, String)], credential: &str) -> Vec<u8> {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
+/// The `upstream` argument of `dispatch_grpc_call`: a serialized GrpcService naming the
+/// cluster and the `:authority` (Envoy tries this before a bare cluster name). Written as
+/// two merged `envoy_grpc` messages so every length fits one byte and the bytes stay
+/// UTF-8, as the SDK's `&str` parameter requires (config bounds both names).
+pub fn grpc_service(config: &Config) -> String {
+    let part = |envoy_grpc: EnvoyGrpc| {
+        GrpcService {
+            target_specifier: Some(TargetSpecifier::EnvoyGrpc(envoy_grpc)),
+            timeout: None,
+        }
+        .encode_to_vec()
     };
+    let bytes = [
+        part(EnvoyGrpc {
+            cluster_name: config.grpc_cluster.clone(),
+            authority: String::new(),
+        }),
+        part(EnvoyGrpc {
+            cluster_name: String::new(),
+            authority: config.grpc_authority.clone(),
+        }),
+    ]
+    .concat();
+    // Config admits only names that keep it UTF-8; the cluster name is the fallback.
+    String::from_utf8(bytes).unwrap_or_else(|_| config.grpc_cluster.clone())
+}
+
+/// The encoded CheckRequest for a request with `headers`: `:method`, `:path`,
+/// `:authority`, `:scheme` into their fields, the configured `forward_headers` into the
+/// header map, and the credential always as `authorization`, the header the companion
+/// reads. Values that are not UTF-8 cannot travel in these string fields: they are left
+/// out (the credential has been checked to be UTF-8 before).
+pub fn request(config: &Config, headers: &Headers, credential: &str) -> Vec<u8> {
+    let get = |name: &str| headers.text(name).unwrap_or_default().to_owned();
     let mut map = HashMap::new();
     for name in &config.forward_headers {
         // Envoy joins repeated headers with "," in this map.
         let values: Vec<&str> = headers
-            .iter()
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .values(name)
+            .filter_map(|v| std::str::from_utf8(v).ok())
             .collect();
         if !values.is_empty() {
             map.insert(name.clone(), values.join(","));
@@ -113,11 +158,13 @@ pub fn request(config: &Config, headers: &[(String, String)], credential: &str) 
 
 /// Reads a CheckResponse the way Envoy's ext_authz filter does: status code 0 allows
 /// (with the OkHttpResponse's mutations), any other code denies with the
-/// DeniedHttpResponse's status (403 if none), headers and body.
+/// DeniedHttpResponse's status (403 if none), headers and body. Unlike Envoy, a response
+/// without a status is an error, never an allow.
 pub fn verdict(body: &[u8]) -> Result<Verdict, Error> {
     let response = CheckResponse::decode(body)?;
-    let code = response.status.as_ref().map_or(0, |s| s.code);
+    let code = response.status.as_ref().ok_or(Error::NoStatus)?.code;
     if code == 0 {
+        let reuse = reuse_limit(response.dynamic_metadata.as_ref());
         let mut edits = Vec::new();
         if let Some(HttpResponse::OkResponse(ok)) = response.http_response {
             edits.extend(ok.headers.into_iter().filter_map(edit));
@@ -127,7 +174,7 @@ pub fn verdict(body: &[u8]) -> Result<Verdict, Error> {
                     .map(|h| HeaderEdit::Remove(h.to_ascii_lowercase())),
             );
         }
-        return Ok(Verdict::Allow(edits));
+        return Ok(Verdict::Allow { edits, reuse });
     }
     let denied = match response.http_response {
         Some(HttpResponse::DeniedResponse(d)) => d,
@@ -148,6 +195,19 @@ pub fn verdict(body: &[u8]) -> Result<Verdict, Error> {
         status,
         headers,
         body: denied.body,
+    })
+}
+
+/// The companion's `tokensmith_reuse_s`, if it sent one; a value that is not a
+/// non-negative number means no reuse at all.
+fn reuse_limit(metadata: Option<&prost_types::Struct>) -> Option<Duration> {
+    use prost_types::value::Kind;
+    let kind = metadata?.fields.get(REUSE_KEY)?.kind.as_ref();
+    Some(match kind {
+        Some(Kind::NumberValue(s)) if s.is_finite() && *s >= 0.0 => {
+            Duration::from_secs_f64(s.min(86_400.0))
+        }
+        _ => Duration::ZERO,
     })
 }
 
@@ -202,20 +262,18 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn check_request_carries_the_credential_as_authorization_and_forwarded_headers() {
-        let headers: Vec<(String, String)> = [
-            (":method", "GET"),
-            (":path", "/api?x=1"),
-            (":authority", "mgmt"),
-            (":scheme", "https"),
-            ("x-request-id", "r1"),
-            ("x-extra", "a"),
-            ("x-extra", "b"),
-            ("x-token", "Bearer w"),
-            ("cookie", "secret"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).into(), (*v).into()))
-        .collect();
+        let headers = Headers::from_pairs(&[
+            (":method", &b"GET"[..]),
+            (":path", b"/api?x=1"),
+            (":authority", b"mgmt"),
+            (":scheme", b"https"),
+            ("x-request-id", b"r1"),
+            ("x-extra", b"a"),
+            ("x-extra", b"caf\xe9"),
+            ("x-extra", b"b"),
+            ("x-token", b"Bearer w"),
+            ("cookie", b"secret"),
+        ]);
         let bytes = request(&config(), &headers, "Bearer w");
         let http = CheckRequest::decode(bytes.as_slice())
             .unwrap()
@@ -263,16 +321,20 @@ mod tests {
                 ],
                 headers_to_remove: vec!["X-Gone".into()],
             })),
+            dynamic_metadata: None,
         };
         assert_eq!(
             verdict(&response.encode_to_vec()).unwrap(),
-            Verdict::Allow(vec![
-                HeaderEdit::Set("authorization".into(), "Bearer m".into()),
-                HeaderEdit::Add("x-a".into(), "1".into()),
-                HeaderEdit::SetIfAbsent("x-b".into(), "2".into()),
-                HeaderEdit::SetIfPresent("x-c".into(), "3".into()),
-                HeaderEdit::Remove("x-gone".into()),
-            ])
+            Verdict::Allow {
+                edits: vec![
+                    HeaderEdit::Set("authorization".into(), "Bearer m".into()),
+                    HeaderEdit::Add("x-a".into(), "1".into()),
+                    HeaderEdit::SetIfAbsent("x-b".into(), "2".into()),
+                    HeaderEdit::SetIfPresent("x-c".into(), "3".into()),
+                    HeaderEdit::Remove("x-gone".into()),
+                ],
+                reuse: None,
+            }
         );
     }
 
@@ -293,6 +355,7 @@ mod tests {
                 )],
                 body: "invalid or expired token".into(),
             })),
+            dynamic_metadata: None,
         };
         assert_eq!(
             verdict(&response.encode_to_vec()).unwrap(),
@@ -313,11 +376,93 @@ mod tests {
                 details: vec![],
             }),
             http_response: None,
+            dynamic_metadata: None,
         };
         assert!(matches!(
             verdict(&response.encode_to_vec()).unwrap(),
             Verdict::Deny { status: 403, .. }
         ));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_grpc_service_names_cluster_and_authority_and_stays_utf8() {
+        let config = Config::parse(
+            br#"{"grpc_cluster":"outbound|9001||tokensmith.tokensmith-system.svc.cluster.local"}"#,
+        )
+        .unwrap();
+        let service = GrpcService::decode(grpc_service(&config).as_bytes()).unwrap();
+        let Some(TargetSpecifier::EnvoyGrpc(envoy)) = service.target_specifier else {
+            panic!("envoy_grpc")
+        };
+        assert_eq!(envoy.cluster_name, config.grpc_cluster);
+        assert_eq!(
+            envoy.authority,
+            "tokensmith.tokensmith-system.svc.cluster.local"
+        );
+        // The longest names config admits still give a UTF-8 argument.
+        let long = "a".repeat(crate::config::MAX_GRPC_NAME);
+        let json = format!(r#"{{"grpc_cluster":"{long}","grpc_authority":"{long}"}}"#);
+        let config = Config::parse(json.as_bytes()).unwrap();
+        let arg = grpc_service(&config);
+        assert_ne!(arg, config.grpc_cluster, "not the fallback");
+        let Some(TargetSpecifier::EnvoyGrpc(envoy)) =
+            GrpcService::decode(arg.as_bytes()).unwrap().target_specifier
+        else {
+            panic!("envoy_grpc")
+        };
+        assert_eq!((envoy.cluster_name, envoy.authority), (long.clone(), long));
+    }
+
+    fn ok_with(metadata: Option<prost_types::Struct>) -> Vec<u8> {
+        CheckResponse {
+            status: Some(Status::default()),
+            http_response: None,
+            dynamic_metadata: metadata,
+        }
+        .encode_to_vec()
+    }
+
+    fn reuse_of(body: &[u8]) -> Option<Duration> {
+        match verdict(body).unwrap() {
+            Verdict::Allow { reuse, .. } => reuse,
+            Verdict::Deny { .. } => panic!("not an allow"),
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_companions_reuse_limit_is_read_from_dynamic_metadata() {
+        use prost_types::{Struct, Value, value::Kind};
+        let with = |kind: Kind| {
+            ok_with(Some(Struct {
+                fields: [(REUSE_KEY.to_owned(), Value { kind: Some(kind) })].into(),
+            }))
+        };
+        assert_eq!(reuse_of(&ok_with(None)), None);
+        assert_eq!(
+            reuse_of(&with(Kind::NumberValue(7.0))),
+            Some(Duration::from_secs(7))
+        );
+        for junk in [
+            Kind::NumberValue(-1.0),
+            Kind::NumberValue(f64::NAN),
+            Kind::StringValue("10".into()),
+        ] {
+            assert_eq!(reuse_of(&with(junk)), Some(Duration::ZERO));
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_response_without_status_is_an_error_not_an_allow() {
+        let response = CheckResponse {
+            status: None,
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            dynamic_metadata: None,
+        };
+        assert!(matches!(
+            verdict(&response.encode_to_vec()),
+            Err(Error::NoStatus)
+        ));
+        assert!(matches!(verdict(b""), Err(Error::NoStatus)));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::Error;
+use crate::{Error, hosts::HostPattern};
 
 /// What to do with a request that carries no credential header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +35,9 @@ pub struct CacheConfig {
     pub slots: u32,
     /// An entry is not served this close to its expiry, so a fresh exchange happens first.
     pub refresh_before_expiry: Duration,
+    /// An entry is served at most this long after it was stored (the companion may ask
+    /// for less): how long a revocation or policy change can go unseen here.
+    pub max_age: Duration,
 }
 
 /// The validated configuration.
@@ -42,6 +45,10 @@ pub struct CacheConfig {
 pub struct Config {
     /// Envoy cluster of the companion (HTTP/2).
     pub grpc_cluster: String,
+    /// The gRPC `:authority` of Check calls: the companion's host name.
+    pub grpc_authority: String,
+    /// The hosts whose requests are the filter's; `None`: every host.
+    pub hosts: Option<Vec<HostPattern>>,
     /// Deadline of one Check call.
     pub timeout: Duration,
     /// The credential header, lower-case.
@@ -63,6 +70,11 @@ const MAX_REFRESH_S: u64 = 599;
 const MAX_SLOTS: u64 = 65_536;
 /// Longest Check deadline.
 const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Longest in-proxy reuse of one answer.
+const MAX_AGE_S: u64 = 3600;
+/// Longest cluster name or authority: each is serialized into the GrpcService handed to
+/// `dispatch_grpc_call` with a one-byte length, which keeps that argument UTF-8.
+pub const MAX_GRPC_NAME: usize = 125;
 
 impl Config {
     /// Parses and validates the plugin configuration.
@@ -77,6 +89,8 @@ impl Config {
             "",
             &[
                 "grpc_cluster",
+                "grpc_authority",
+                "hosts",
                 "timeout_ms",
                 "header",
                 "on_missing_token",
@@ -99,6 +113,33 @@ impl Config {
                 return Err(err(
                     "grpc_cluster",
                     "is required (the companion's Envoy cluster)".into(),
+                ));
+            }
+        };
+        if grpc_cluster.len() > MAX_GRPC_NAME {
+            return Err(err(
+                "grpc_cluster",
+                format!("must be at most {MAX_GRPC_NAME} bytes"),
+            ));
+        }
+        let grpc_authority = grpc_authority(&grpc_cluster, top.remove("grpc_authority"))?;
+        let hosts = match top.remove("hosts") {
+            None => None,
+            Some(Value::Array(items)) if !items.is_empty() => Some(
+                items
+                    .iter()
+                    .map(|v| {
+                        let pattern = v.as_str().ok_or_else(|| {
+                            err("hosts", format!("must be a list of host names, got {v}"))
+                        })?;
+                        HostPattern::parse(pattern).map_err(|p| err("hosts", p))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(other) => {
+                return Err(err(
+                    "hosts",
+                    format!("must be a non-empty list of host names, got {other}"),
                 ));
             }
         };
@@ -144,6 +185,8 @@ impl Config {
         let cache = cache_config(cache)?;
         Ok(Config {
             grpc_cluster,
+            grpc_authority,
+            hosts,
             timeout: Duration::from_millis(timeout_ms),
             header,
             on_missing_token,
@@ -158,7 +201,7 @@ fn cache_config(mut m: Map<String, Value>) -> Result<CacheConfig, Error> {
     reject_unknown(
         &m,
         "cache.",
-        &["enabled", "slots", "refresh_before_expiry_s"],
+        &["enabled", "slots", "refresh_before_expiry_s", "max_age_s"],
     )?;
     let enabled = match m.remove("enabled") {
         None => true,
@@ -178,11 +221,89 @@ fn cache_config(mut m: Map<String, Value>) -> Result<CacheConfig, Error> {
         0,
         MAX_REFRESH_S,
     )?;
+    let max_age = integer(m.remove("max_age_s"), "cache.max_age_s", 60, 0, MAX_AGE_S)?;
     Ok(CacheConfig {
         enabled,
         slots: u32::try_from(slots).unwrap_or(u32::MAX),
         refresh_before_expiry: Duration::from_secs(refresh),
+        max_age: Duration::from_secs(max_age),
     })
+}
+
+/// The `:authority` of Check calls: `grpc_authority` when set; else the host of an Istio
+/// cluster name (`outbound|PORT|SUBSET|HOST`); else the cluster name when it is a valid
+/// authority. Envoy would otherwise send the cluster name, and `|` resets the stream.
+fn grpc_authority(cluster: &str, explicit: Option<Value>) -> Result<String, Error> {
+    const KEY: &str = "grpc_authority";
+    let authority = match explicit {
+        Some(Value::String(a)) => a,
+        Some(other) => return Err(err(KEY, format!("must be a string, got {other}"))),
+        None => match istio_cluster_host(cluster) {
+            Some(host) => host.to_owned(),
+            None if valid_authority(cluster) => cluster.to_owned(),
+            None => {
+                return Err(err(
+                    KEY,
+                    format!(
+                        "is required: grpc_cluster {cluster:?} is neither Istio's \
+                         `outbound|PORT|SUBSET|HOST` nor a valid gRPC authority"
+                    ),
+                ));
+            }
+        },
+    };
+    if !valid_authority(&authority) {
+        return Err(err(
+            KEY,
+            format!("{authority:?} is not a valid authority (host[:port])"),
+        ));
+    }
+    if authority.len() > MAX_GRPC_NAME {
+        return Err(err(KEY, format!("must be at most {MAX_GRPC_NAME} bytes")));
+    }
+    Ok(authority)
+}
+
+/// HOST of `outbound|PORT|SUBSET|HOST` (or `inbound|…`), as istiod names clusters.
+fn istio_cluster_host(cluster: &str) -> Option<&str> {
+    let mut parts = cluster.split('|');
+    let (direction, port, _subset, host) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = parts.next().is_none()
+        && matches!(direction, "outbound" | "inbound")
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && !host.is_empty();
+    well_formed.then_some(host)
+}
+
+/// RFC 3986 authority characters (no userinfo), as HTTP/2 accepts in `:authority`.
+fn valid_authority(authority: &str) -> bool {
+    !authority.is_empty()
+        && authority.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
 }
 
 fn err(key: &str, problem: String) -> Error {
@@ -297,6 +418,11 @@ mod tests {
             c.grpc_cluster,
             "outbound|9001||tokensmith.tokensmith-system.svc.cluster.local"
         );
+        assert_eq!(
+            c.grpc_authority,
+            "tokensmith.tokensmith-system.svc.cluster.local"
+        );
+        assert_eq!(c.hosts, None);
         assert_eq!(c.timeout, Duration::from_millis(1000));
         assert_eq!(c.header, "authorization");
         assert_eq!(
@@ -312,7 +438,8 @@ mod tests {
             CacheConfig {
                 enabled: true,
                 slots: 4096,
-                refresh_before_expiry: Duration::from_secs(60)
+                refresh_before_expiry: Duration::from_secs(60),
+                max_age: Duration::from_secs(60),
             }
         );
     }
@@ -339,6 +466,69 @@ mod tests {
         );
         assert_eq!(c.forward_headers, [":path", "x-b3-traceid"]);
         assert!(!c.cache.enabled);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_grpc_authority_defaults_to_a_valid_name() {
+        let authority = |json: &str| Config::parse(json.as_bytes()).map(|c| c.grpc_authority);
+        assert_eq!(
+            authority(r#"{"grpc_cluster":"outbound|9001|v1|ts.ns.svc.cluster.local"}"#),
+            Ok("ts.ns.svc.cluster.local".into())
+        );
+        assert_eq!(
+            authority(r#"{"grpc_cluster":"tokensmith"}"#),
+            Ok("tokensmith".into())
+        );
+        assert_eq!(
+            authority(r#"{"grpc_cluster":"outbound|9001||ts","grpc_authority":"ts.example:9001"}"#),
+            Ok("ts.example:9001".into())
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"my|cluster"}"#),
+            "plugin config: `grpc_authority`: is required: grpc_cluster \"my|cluster\" is \
+             neither Istio's `outbound|PORT|SUBSET|HOST` nor a valid gRPC authority"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","grpc_authority":"a|b"}"#),
+            "plugin config: `grpc_authority`: \"a|b\" is not a valid authority (host[:port])"
+        );
+        let long = format!(r#"{{"grpc_cluster":"{}"}}"#, "c".repeat(MAX_GRPC_NAME + 1));
+        assert_eq!(
+            problem(&long),
+            "plugin config: `grpc_cluster`: must be at most 125 bytes"
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn hosts_and_max_age_are_validated() {
+        let c = Config::parse(
+            br#"{"grpc_cluster":"c","hosts":["Mgmt.example.com","*.api.example.com"],"cache":{"max_age_s":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.hosts,
+            Some(vec![
+                HostPattern::Exact("mgmt.example.com".into()),
+                HostPattern::Suffix(".api.example.com".into())
+            ])
+        );
+        assert_eq!(c.cache.max_age, Duration::ZERO);
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","hosts":[]}"#),
+            "plugin config: `hosts`: must be a non-empty list of host names, got []"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","hosts":["a:443"]}"#),
+            "plugin config: `hosts`: \"a:443\" is not a host name or `*.suffix` (no port, no scheme, no path)"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","hosts":[1]}"#),
+            "plugin config: `hosts`: must be a list of host names, got 1"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","cache":{"max_age_s":3601}}"#),
+            "plugin config: `cache.max_age_s`: must be a whole number from 0 to 3600, got 3601"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -9,6 +9,8 @@ use crate::{
     check::{self, HeaderEdit, Verdict},
     claims,
     config::{Config, FailureMode, OnMissingToken},
+    headers::Headers,
+    hosts,
     metrics::Counter,
 };
 
@@ -55,29 +57,51 @@ pub struct Pending {
 
 /// The body the companion sends for these cases, so both paths answer alike.
 const MISSING_TOKEN: &str = "missing bearer token";
+const MALFORMED_TOKEN: &str = "malformed bearer token";
 const UNAVAILABLE: &str = "identity service unavailable";
 
-/// A request's headers have arrived (`headers`: lower-case names, as the host gives
-/// them; `now`: Unix seconds).
+/// A request's headers have arrived (`now`: Unix seconds).
 pub fn on_request(
     config: &Config,
-    headers: &[(String, String)],
+    headers: &Headers,
     cache: &impl SlotStore,
     now: u64,
 ) -> (Decision, Option<Pending>) {
     let mut counters = vec![Counter::Requests];
-    let Some(credential) = headers
-        .iter()
-        .find(|(k, _)| *k == config.header)
-        .map(|(_, v)| v.as_str())
-    else {
-        let step = match config.on_missing_token {
-            OnMissingToken::Allow => Step::Continue(Vec::new()),
-            OnMissingToken::Deny => {
-                counters.push(Counter::Denied);
-                text_response(401, MISSING_TOKEN, Some("Bearer"))
-            }
-        };
+    if let Some(patterns) = &config.hosts
+        && !hosts::in_scope(patterns, headers.values(":authority").next())
+    {
+        // Another application's request: its credential is not ours to read.
+        counters.push(Counter::OtherHost);
+        return (
+            Decision {
+                step: Step::Continue(Vec::new()),
+                counters,
+            },
+            None,
+        );
+    }
+    let mut values = headers.values(&config.header);
+    let credential = match (values.next(), values.next()) {
+        (None, _) => {
+            let step = match config.on_missing_token {
+                OnMissingToken::Allow => Step::Continue(Vec::new()),
+                OnMissingToken::Deny => {
+                    counters.push(Counter::Denied);
+                    text_response(401, MISSING_TOKEN, Some("Bearer"))
+                }
+            };
+            return (Decision { step, counters }, None);
+        }
+        // Two credentials, or one that is not UTF-8: malformed, as the companion says of
+        // the same requests through ext_authz.
+        (Some(_), Some(_)) => None,
+        (Some(value), None) => std::str::from_utf8(value).ok(),
+    };
+    let Some(credential) = credential else {
+        counters.push(Counter::Denied);
+        let challenge = Some("Bearer error=\"invalid_token\"");
+        let step = text_response(401, MALFORMED_TOKEN, challenge);
         return (Decision { step, counters }, None);
     };
     let token = bearer::token(credential);
@@ -92,7 +116,7 @@ pub fn on_request(
     }
     let metadata = check::TRACE_HEADERS
         .iter()
-        .filter_map(|name| headers.iter().find(|(k, _)| k == name).cloned())
+        .filter_map(|name| Some(((*name).to_owned(), headers.text(name)?.to_owned())))
         .collect();
     let step = Step::Dispatch {
         message: check::request(config, headers, credential),
@@ -106,13 +130,15 @@ pub fn on_request(
     (Decision { step, counters }, Some(pending))
 }
 
-/// The companion answered: `grpc_status` 0 with `body`, or a gRPC failure.
+/// The companion answered: `grpc_status` 0 with `body`, or a gRPC failure (`now`: Unix
+/// seconds).
 pub fn on_check_reply(
     config: &Config,
     pending: &Pending,
     grpc_status: u32,
     body: Option<&[u8]>,
     cache: &impl SlotStore,
+    now: u64,
 ) -> Decision {
     let verdict = match (grpc_status, body) {
         (0, Some(body)) => check::verdict(body),
@@ -131,8 +157,8 @@ pub fn on_check_reply(
             },
             counters: vec![Counter::Denied],
         },
-        Ok(Verdict::Allow(edits)) => {
-            remember(config, pending, &edits, cache);
+        Ok(Verdict::Allow { edits, reuse }) => {
+            remember(config, pending, &edits, reuse, cache, now);
             Decision {
                 step: Step::Continue(replace_credential(config, edits)),
                 counters: vec![Counter::Allowed],
@@ -151,6 +177,15 @@ pub fn on_dispatch_failure(config: &Config) -> Decision {
     };
     Decision {
         step,
+        counters: vec![Counter::Errors],
+    }
+}
+
+/// The host refused a header edit the decision needs: 503, whatever `failure_mode`
+/// says, since the request cannot be forwarded as decided.
+pub fn on_host_failure() -> Decision {
+    Decision {
+        step: text_response(503, UNAVAILABLE, None),
         counters: vec![Counter::Errors],
     }
 }
@@ -175,8 +210,16 @@ fn replace_credential(config: &Config, mut edits: Vec<HeaderEdit>) -> Vec<Header
 }
 
 /// Caches an allow that is exactly "set authorization to a bearer token with an expiry"
-/// (what the companion answers); anything richer is not replayed from the cache.
-fn remember(config: &Config, pending: &Pending, edits: &[HeaderEdit], cache: &impl SlotStore) {
+/// (what the companion answers) for at most `cache.max_age` and never longer than the
+/// companion's `reuse` limit; anything richer is not replayed from the cache.
+fn remember(
+    config: &Config,
+    pending: &Pending,
+    edits: &[HeaderEdit],
+    reuse: Option<Duration>,
+    cache: &impl SlotStore,
+    now: u64,
+) {
     let (Some(digest), [HeaderEdit::Set(name, value)]) = (pending.digest, edits) else {
         return;
     };
@@ -186,10 +229,17 @@ fn remember(config: &Config, pending: &Pending, edits: &[HeaderEdit], cache: &im
     let Some(expiry) = bearer::token(value).and_then(claims::expiry) else {
         return;
     };
+    let age = reuse
+        .map_or(config.cache.max_age, |r| r.min(config.cache.max_age))
+        .as_secs();
+    if age == 0 {
+        return;
+    }
     let entry = Entry {
         digest,
         workload_expiry: pending.workload_expiry,
         expiry,
+        not_after: now.saturating_add(age),
         value: value.clone(),
     };
     // A lost race or a full host is not the request's problem: it is allowed either way.

@@ -1,13 +1,15 @@
 //! The only module that names `proxy_wasm`: the root context (configuration, metrics),
 //! the per-request HTTP context, and shared data as the cache's slot store. Each
-//! callback gathers facts, asks `flow`, and carries out the `Step`.
+//! callback gathers facts, asks `flow`, and carries out the `Step`. Host calls go
+//! through `abi`, which never panics on what the host returns.
 
+mod abi;
 mod http;
 mod metrics;
 mod root;
 mod shared_data;
 
-use proxy_wasm::{hostcalls, types::LogLevel};
+use abi::Level;
 
 #[allow(unsafe_code)] // the SDK's entry point: #[no_mangle] _initialize
 mod entry {
@@ -18,14 +20,11 @@ mod entry {
 }
 
 /// Logs `message` for context `id`. Callers never pass header values.
-fn log(level: LogLevel, id: u32, message: &str) {
-    let _ = hostcalls::log(level, &format!("tokensmith #{id}: {message}"));
+fn log(level: Level, id: u32, message: &str) {
+    abi::log(level, &format!("tokensmith #{id}: {message}"));
 }
 
 /// Unix seconds now, from the host clock.
 fn now() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
+    abi::now_nanos().map_or(0, |n| n / 1_000_000_000)
 }

@@ -13,6 +13,8 @@ pub mod check;
 pub mod claims;
 pub mod config;
 pub mod flow;
+pub mod headers;
+pub mod hosts;
 pub mod metrics;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
@@ -32,4 +34,7 @@ pub enum Error {
     /// The companion's reply is not a CheckResponse.
     #[error("companion reply is not a CheckResponse: {0}")]
     Decode(#[from] prost::DecodeError),
+    /// The companion's CheckResponse has no status: no verdict, so not an allow.
+    #[error("companion reply has no status")]
+    NoStatus,
 }

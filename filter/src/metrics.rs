@@ -15,17 +15,20 @@ pub enum Counter {
     Denied,
     /// The companion could not be asked or answered nonsense; `failure_mode` applied.
     Errors,
+    /// For a host outside `hosts`: passed on untouched.
+    OtherHost,
 }
 
 impl Counter {
     /// Every counter, in the order the host defines them.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Requests,
         Counter::CacheHits,
         Counter::CacheMisses,
         Counter::Allowed,
         Counter::Denied,
         Counter::Errors,
+        Counter::OtherHost,
     ];
 
     /// The metric name.
@@ -37,6 +40,7 @@ impl Counter {
             Counter::Allowed => "tokensmith.allowed",
             Counter::Denied => "tokensmith.denied",
             Counter::Errors => "tokensmith.errors",
+            Counter::OtherHost => "tokensmith.other_host",
         }
     }
 

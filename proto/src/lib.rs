@@ -1,6 +1,6 @@
 //! Envoy's ext_authz v3 messages, written from upstream's .proto files with the same
-//! package names, message names and field numbers (see `proto/README.md` for what was
-//! left out), plus the demo greet service. gRPC code is generated with feature `grpc`.
+//! package names, message names and field numbers (each .proto file says what it leaves
+//! out), plus the demo greet service. gRPC code is generated with feature `grpc`.
 
 /// The encoded `FileDescriptorSet` of every compiled .proto file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

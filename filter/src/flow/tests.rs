@@ -21,20 +21,23 @@ fn config(extra: &str) -> Config {
     Config::parse(format!(r#"{{"grpc_cluster":"tokensmith"{extra}}}"#).as_bytes()).unwrap()
 }
 
-fn headers(credential: Option<&str>) -> Vec<(String, String)> {
-    let mut h: Vec<(String, String)> = [
-        (":method", "GET"),
-        (":path", "/p"),
-        (":authority", "mgmt"),
-        ("x-request-id", "r1"),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).into(), (*v).into()))
-    .collect();
-    if let Some(c) = credential {
-        h.push(("authorization".into(), c.into()));
+/// A request to `mgmt` with these extra headers.
+fn request_with(extra: &[(&str, &[u8])]) -> Headers {
+    let mut pairs: Vec<(&str, &[u8])> = vec![
+        (":method", b"GET"),
+        (":path", b"/p"),
+        (":authority", b"mgmt"),
+        ("x-request-id", b"r1"),
+    ];
+    pairs.extend_from_slice(extra);
+    Headers::from_pairs(&pairs)
+}
+
+fn headers(credential: Option<&str>) -> Headers {
+    match credential {
+        Some(c) => request_with(&[("authorization", c.as_bytes())]),
+        None => request_with(&[]),
     }
-    h
 }
 
 fn workload_token(exp: u64) -> String {
@@ -63,8 +66,25 @@ fn ok_reply(exchanged: &str) -> Vec<u8> {
             }],
             headers_to_remove: vec![],
         })),
+        dynamic_metadata: None,
     }
     .encode_to_vec()
+}
+
+/// An OK reply whose dynamic metadata limits reuse to `seconds`.
+fn ok_reply_reusable_for(exchanged: &str, seconds: f64) -> Vec<u8> {
+    use prost_types::{Struct, Value, value::Kind};
+    let mut reply = CheckResponse::decode(ok_reply(exchanged).as_slice()).unwrap();
+    reply.dynamic_metadata = Some(Struct {
+        fields: [(
+            check::REUSE_KEY.to_owned(),
+            Value {
+                kind: Some(Kind::NumberValue(seconds)),
+            },
+        )]
+        .into(),
+    });
+    reply.encode_to_vec()
 }
 
 /// Runs one request through dispatch and an OK reply; returns the reply's decision.
@@ -85,6 +105,7 @@ fn exchange(config: &Config, store: &MemoryStore, token: &str, exchanged: &str) 
         0,
         Some(&ok_reply(exchanged)),
         store,
+        NOW,
     )
 }
 
@@ -188,7 +209,7 @@ fn an_allow_sets_the_new_token_and_the_next_request_is_a_cache_hit() {
 
 #[wasm_bindgen_test(unsupported = test)]
 fn a_cached_exchange_ends_with_the_workload_tokens_life_and_before_its_own_expiry() {
-    let c = config(r#","cache":{"refresh_before_expiry_s":60}"#);
+    let c = config(r#","cache":{"refresh_before_expiry_s":60,"max_age_s":3600}"#);
     let store = MemoryStore::default();
     let token = workload_token(NOW + 100);
     exchange(
@@ -238,6 +259,7 @@ fn a_denial_is_sent_to_the_client_as_the_companion_wrote_it() {
             headers: vec![],
             body: "token exchange forbidden".into(),
         })),
+        dynamic_metadata: None,
     };
     let d = on_check_reply(
         &c,
@@ -245,6 +267,7 @@ fn a_denial_is_sent_to_the_client_as_the_companion_wrote_it() {
         0,
         Some(&reply.encode_to_vec()),
         &MemoryStore::default(),
+        NOW,
     );
     assert_eq!(d.counters, [Counter::Denied]);
     assert_eq!(
@@ -265,9 +288,11 @@ fn companion_failures_follow_failure_mode_and_never_forward_the_token() {
         let (_, pending) = on_request(&c, &headers(Some("Bearer x")), &store, NOW);
         let pending = pending.unwrap();
         for d in [
-            on_check_reply(&c, &pending, 14, None, &store),
-            on_check_reply(&c, &pending, 0, Some(b"\xff\xff"), &store),
-            on_check_reply(&c, &pending, 0, None, &store),
+            on_check_reply(&c, &pending, 14, None, &store, NOW),
+            on_check_reply(&c, &pending, 0, Some(b"\xff\xff"), &store, NOW),
+            on_check_reply(&c, &pending, 0, None, &store, NOW),
+            // An empty body decodes to a CheckResponse without status: no verdict.
+            on_check_reply(&c, &pending, 0, Some(b""), &store, NOW),
             on_dispatch_failure(&c),
         ] {
             assert_eq!(d.counters, [Counter::Errors]);
@@ -289,8 +314,8 @@ fn a_custom_credential_header_is_removed_when_authorization_is_set() {
     let c = config(r#","header":"x-workload-token""#);
     let store = MemoryStore::default();
     let token = workload_token(NOW + 3600);
-    let mut request = headers(None);
-    request.push(("x-workload-token".into(), format!("Bearer {token}")));
+    let credential = format!("Bearer {token}");
+    let request = request_with(&[("x-workload-token", credential.as_bytes())]);
     let (d, pending) = on_request(&c, &request, &store, NOW);
     let Step::Dispatch { message, .. } = d.step else {
         panic!()
@@ -311,6 +336,7 @@ fn a_custom_credential_header_is_removed_when_authorization_is_set() {
         0,
         Some(&ok_reply(&exchanged)),
         &store,
+        NOW,
     );
     assert_eq!(
         d.step,
@@ -334,6 +360,127 @@ fn unparseable_credentials_are_checked_but_never_cached() {
         0,
         Some(&ok_reply(&jwt(r#"{"exp":9999999999}"#))),
         &store,
+        NOW,
     );
     assert_eq!(*store.stores.borrow(), 0);
+}
+
+fn respond(d: &Decision) -> (u32, &str, Option<&str>) {
+    let Step::Respond {
+        status,
+        headers,
+        body,
+    } = &d.step
+    else {
+        panic!("{:?}", d.step)
+    };
+    let challenge = headers
+        .iter()
+        .find(|(k, _)| k == "www-authenticate")
+        .map(|(_, v)| v.as_str());
+    (*status, body.as_str(), challenge)
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_credential_that_is_not_utf8_or_repeated_is_malformed_without_a_check() {
+    let c = config("");
+    let store = MemoryStore::default();
+    let token = format!("Bearer {}", workload_token(NOW + 3600));
+    for request in [
+        request_with(&[("authorization", b"Bearer caf\xe9")]),
+        request_with(&[("authorization", b"\xff\xfe")]),
+        request_with(&[
+            ("authorization", token.as_bytes()),
+            ("authorization", token.as_bytes()),
+        ]),
+    ] {
+        let (d, pending) = on_request(&c, &request, &store, NOW);
+        assert!(pending.is_none(), "no Check");
+        assert_eq!(d.counters, [Counter::Requests, Counter::Denied]);
+        assert_eq!(
+            respond(&d),
+            (
+                401,
+                "malformed bearer token",
+                Some("Bearer error=\"invalid_token\"")
+            )
+        );
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn other_headers_that_are_not_utf8_are_passed_over() {
+    let c = config(r#","forward_headers":[":path","x-note"]"#);
+    let token = format!("Bearer {}", workload_token(NOW + 3600));
+    let request = request_with(&[
+        ("x-note", b"caf\xe9"),
+        ("x-request-id", b"\xff"),
+        ("authorization", token.as_bytes()),
+    ]);
+    let (d, pending) = on_request(&c, &request, &MemoryStore::default(), NOW);
+    assert!(pending.is_some());
+    let Step::Dispatch { message, .. } = d.step else {
+        panic!("{:?}", d.step)
+    };
+    let http = CheckRequest::decode(message.as_slice())
+        .unwrap()
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
+    assert!(!http.headers.contains_key("x-note"));
+    assert_eq!(http.headers["authorization"], token);
+    assert_eq!(http.id, "r1", "the first x-request-id is UTF-8");
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn requests_for_other_hosts_pass_untouched_and_unread() {
+    let c = config(r#","hosts":["mgmt.example.com","*.mgmt.example.com"]"#);
+    let store = MemoryStore::default();
+    for authority in [&b"app.example.com"[..], b"example.com", b"caf\xe9"] {
+        let request = Headers::from_pairs(&[
+            (":authority", authority),
+            ("authorization", b"Bearer someone-elses"),
+        ]);
+        let (d, pending) = on_request(&c, &request, &store, NOW);
+        assert!(pending.is_none());
+        assert_eq!(d.counters, [Counter::Requests, Counter::OtherHost]);
+        assert_eq!(d.step, Step::Continue(vec![]), "nothing removed");
+    }
+    for authority in [&b"mgmt.example.com:443"[..], b"a.mgmt.example.com"] {
+        let request = Headers::from_pairs(&[(":authority", authority)]);
+        let (d, _) = on_request(&c, &request, &store, NOW);
+        assert_eq!(respond(&d).0, 401, "ours: a missing token is refused");
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn an_entry_serves_for_the_smaller_of_max_age_and_the_companions_limit() {
+    let token = workload_token(NOW + 3600);
+    let exchanged = jwt(&format!(r#"{{"exp":{}}}"#, NOW + 3600));
+    let request = headers(Some(&format!("Bearer {token}")));
+    for (max_age, reuse, served_for) in [
+        (60, None, 60),
+        (60, Some(10.0), 10),
+        (5, Some(10.0), 5),
+        (60, Some(0.0), 0),
+        (0, None, 0),
+    ] {
+        let c = config(&format!(r#","cache":{{"max_age_s":{max_age}}}"#));
+        let store = MemoryStore::default();
+        let (_, pending) = on_request(&c, &request, &store, NOW);
+        let body = match reuse {
+            Some(r) => ok_reply_reusable_for(&exchanged, r),
+            None => ok_reply(&exchanged),
+        };
+        on_check_reply(&c, &pending.unwrap(), 0, Some(&body), &store, NOW);
+        let hit = |at: u64| on_request(&c, &request, &store, at).1.is_none();
+        let case = format!("max_age {max_age}, reuse {reuse:?}");
+        if served_for > 0 {
+            assert!(hit(NOW + served_for - 1), "{case}: served");
+        }
+        assert!(!hit(NOW + served_for), "{case}: asks again");
+    }
 }

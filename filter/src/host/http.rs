@@ -5,49 +5,58 @@ use std::rc::Rc;
 use proxy_wasm::{
     hostcalls,
     traits::{Context, HttpContext},
-    types::{Action, BufferType, LogLevel, MapType},
+    types::Action,
 };
 
-use super::{log, metrics::Metrics, now, shared_data::SharedData};
+use super::{
+    abi::{self, Buffer, Level},
+    log, now,
+    root::Plugin,
+};
 use crate::{
     check::{self, HeaderEdit},
-    config::Config,
     flow::{self, Decision, Pending, Step},
+    headers::{self, Headers},
 };
 
 /// The HTTP context of one request.
 pub(super) struct RequestContext {
     id: u32,
-    config: Rc<Config>,
-    metrics: Rc<Metrics>,
+    plugin: Rc<Plugin>,
     /// The gRPC call we wait for, and what the request remembers meanwhile.
     pending: Option<(u32, Pending)>,
 }
 
 impl RequestContext {
-    pub(super) fn new(id: u32, config: Rc<Config>, metrics: Rc<Metrics>) -> Self {
+    pub(super) fn new(id: u32, plugin: Rc<Plugin>) -> Self {
         Self {
             id,
-            config,
-            metrics,
+            plugin,
             pending: None,
         }
     }
 
     /// Carries out a decision; returns what the headers callback should answer.
     fn perform(&mut self, decision: Decision, pending: Option<Pending>) -> Action {
-        self.metrics.bump(&decision.counters);
+        self.plugin.metrics.bump(&decision.counters);
         match decision.step {
-            Step::Continue(edits) => {
-                apply(&edits);
-                Action::Continue
-            }
+            Step::Continue(edits) => match apply(&edits) {
+                Ok(()) => Action::Continue,
+                Err((name, e)) => {
+                    // A credential left in place must not go upstream: refuse instead.
+                    log(Level::Error, self.id, &format!("cannot edit header {name:?} ({e:?})"));
+                    self.perform(flow::on_host_failure(), None)
+                }
+            },
             Step::Respond {
                 status,
                 headers,
                 body,
             } => {
-                respond(status, &headers, &body);
+                if let Err(e) = abi::send_response(status, &headers::encode(&headers), body.as_bytes())
+                {
+                    log(Level::Error, self.id, &format!("cannot answer the client ({e:?})"));
+                }
                 Action::Pause
             }
             Step::Dispatch {
@@ -59,8 +68,10 @@ impl RequestContext {
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_bytes()))
                     .collect();
+                // The SDK's call, as it must register the callout; it returns an error
+                // for every status Envoy gives for a GrpcService argument.
                 match hostcalls::dispatch_grpc_call(
-                    &self.config.grpc_cluster,
+                    &self.plugin.upstream,
                     check::SERVICE,
                     check::METHOD,
                     metadata,
@@ -72,13 +83,13 @@ impl RequestContext {
                         Action::Pause
                     }
                     Err(status) => {
-                        // E.g. an unknown cluster: nothing is paused yet, answer now.
+                        // Nothing is paused yet: answer now.
                         log(
-                            LogLevel::Error,
+                            Level::Error,
                             self.id,
                             &format!("cannot call the companion ({status:?})"),
                         );
-                        let failure = flow::on_dispatch_failure(&self.config);
+                        let failure = flow::on_dispatch_failure(&self.plugin.config);
                         self.perform(failure, None)
                     }
                 }
@@ -97,60 +108,75 @@ impl Context for RequestContext {
             return;
         }
         let body = if status == 0 {
-            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
-                .ok()
-                .flatten()
+            abi::buffer(Buffer::GrpcReceive, size)
         } else {
-            let message = hostcalls::get_grpc_status()
-                .ok()
-                .and_then(|(_, m)| m)
-                .unwrap_or_default();
+            let message = abi::grpc_message().unwrap_or_default();
             log(
-                LogLevel::Warn,
+                Level::Warn,
                 self.id,
-                &format!("companion call failed: gRPC {status} {message}"),
+                &format!(
+                    "companion call failed: gRPC {status} {}",
+                    String::from_utf8_lossy(&message)
+                ),
             );
             None
         };
-        let decision =
-            flow::on_check_reply(&self.config, &pending, status, body.as_deref(), &SharedData);
-        if self.perform(decision, None) == Action::Continue {
-            let _ = hostcalls::resume_http_request();
+        let plugin = self.plugin.clone();
+        let decision = flow::on_check_reply(
+            &plugin.config,
+            &pending,
+            status,
+            body.as_deref(),
+            &plugin.cache,
+            now(),
+        );
+        if self.perform(decision, None) == Action::Continue
+            && let Err(e) = abi::resume_request()
+        {
+            log(Level::Error, self.id, &format!("cannot resume ({e:?})"));
         }
     }
 }
 
 impl HttpContext for RequestContext {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
-        let (decision, pending) = flow::on_request(&self.config, &headers, &SharedData, now());
+        let headers = abi::request_header_pairs()
+            .ok()
+            .and_then(|bytes| Headers::decode(&bytes));
+        let Some(headers) = headers else {
+            // No headers to decide on: the companion could not be asked either.
+            log(Level::Error, self.id, "cannot read the request headers");
+            let failure = flow::on_dispatch_failure(&self.plugin.config);
+            return self.perform(failure, None);
+        };
+        let plugin = self.plugin.clone();
+        let (decision, pending) = flow::on_request(&plugin.config, &headers, &plugin.cache, now());
         self.perform(decision, pending)
     }
 }
 
-fn apply(edits: &[HeaderEdit]) {
-    let map = MapType::HttpRequestHeaders;
-    let present = |name: &str| hostcalls::get_map_value(map, name).ok().flatten().is_some();
+/// Applies header edits in order; stops at the first the host refuses, naming its header.
+fn apply(edits: &[HeaderEdit]) -> Result<(), (&str, abi::HostStatus)> {
+    let present = |name: &str| {
+        abi::request_header_pairs()
+            .ok()
+            .and_then(|bytes| Headers::decode(&bytes))
+            .is_some_and(|h| h.contains(name))
+    };
     for edit in edits {
-        let _ = match edit {
-            HeaderEdit::Set(name, value) => hostcalls::set_map_value(map, name, Some(value)),
-            HeaderEdit::Add(name, value) => hostcalls::add_map_value(map, name, value),
+        let result = match edit {
+            HeaderEdit::Set(name, value) => abi::set_request_header(name, value),
+            HeaderEdit::Add(name, value) => abi::add_request_header(name, value),
             HeaderEdit::SetIfAbsent(name, value) if !present(name) => {
-                hostcalls::set_map_value(map, name, Some(value))
+                abi::set_request_header(name, value)
             }
             HeaderEdit::SetIfPresent(name, value) if present(name) => {
-                hostcalls::set_map_value(map, name, Some(value))
+                abi::set_request_header(name, value)
             }
             HeaderEdit::SetIfAbsent(..) | HeaderEdit::SetIfPresent(..) => Ok(()),
-            HeaderEdit::Remove(name) => hostcalls::set_map_value(map, name, None),
+            HeaderEdit::Remove(name) => abi::remove_request_header(name),
         };
+        result.map_err(|e| (edit.name(), e))?;
     }
-}
-
-fn respond(status: u32, headers: &[(String, String)], body: &str) {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
+    Ok(())
 }

@@ -1,7 +1,6 @@
 //! Counters defined once per plugin and bumped per request.
 
-use proxy_wasm::{hostcalls, types::MetricType};
-
+use super::abi;
 use crate::metrics::Counter;
 
 /// Host metric ids, in `Counter::ALL` order (`None` where the host refused one).
@@ -15,7 +14,7 @@ impl Metrics {
     pub(super) fn define() -> Self {
         let ids = Counter::ALL
             .iter()
-            .map(|c| hostcalls::define_metric(MetricType::Counter, c.name()).ok())
+            .map(|c| abi::define_counter(c.name()))
             .collect();
         Self { ids }
     }
@@ -24,7 +23,7 @@ impl Metrics {
     pub(super) fn bump(&self, counters: &[Counter]) {
         for counter in counters {
             if let Some(Some(id)) = self.ids.get(counter.index()) {
-                let _ = hostcalls::increment_metric(*id, 1);
+                abi::increment(*id);
             }
         }
     }

@@ -1,21 +1,23 @@
-//! Proxy-wasm shared data (shared by all workers of the VM) as the cache's slot store.
+//! Proxy-wasm shared data (shared by all workers of the VM) as the cache's slot store,
+//! under one plugin's scope.
 
-use proxy_wasm::{hostcalls, types::Status};
-
+use super::abi;
 use crate::cache::{self, SlotStore, StoreError};
 
-/// The host's shared data.
-pub(super) struct SharedData;
+/// The host's shared data, slots of `scope`.
+pub(super) struct SharedData {
+    pub(super) scope: String,
+}
 
 impl SlotStore for SharedData {
     fn load(&self, slot: u32) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        hostcalls::get_shared_data(&cache::key(slot)).map_err(|_| StoreError::Host)
+        abi::shared_data(&cache::key(&self.scope, slot)).map_err(|_| StoreError::Host)
     }
 
     fn store(&self, slot: u32, bytes: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(&cache::key(slot), Some(bytes), cas) {
+        match abi::set_shared_data(&cache::key(&self.scope, slot), bytes, cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(abi::HostStatus(abi::CAS_MISMATCH)) => Err(StoreError::CasMismatch),
             Err(_) => Err(StoreError::Host),
         }
     }
