@@ -19,7 +19,7 @@ use tokensmith_proto::envoy::{
 use crate::{Error, config::Config, headers::Headers};
 
 /// The key of the companion's reuse limit (seconds) in `CheckResponse.dynamic_metadata`.
-pub const REUSE_KEY: &str = "tokensmith_reuse_s";
+pub use tokensmith_proto::REUSE_METADATA_KEY as REUSE_KEY;
 
 /// The gRPC service and method the filter calls.
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";

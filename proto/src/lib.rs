@@ -2,6 +2,10 @@
 //! package names, message names and field numbers (each .proto file says what it leaves
 //! out), plus the demo greet service. gRPC code is generated with feature `grpc`.
 
+/// Tokensmith's key in an OK `CheckResponse.dynamic_metadata`: how many seconds a proxy
+/// may reuse the answer (a number; the wire contract between companion and filter).
+pub const REUSE_METADATA_KEY: &str = "tokensmith_reuse_s";
+
 /// The encoded `FileDescriptorSet` of every compiled .proto file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 

@@ -3,7 +3,9 @@
 use prost::Message;
 
 use crate::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+    GrpcService, HeaderValue, HeaderValueOption,
+    grpc_service::{EnvoyGrpc, TargetSpecifier},
+    header_value_option::HeaderAppendAction,
 };
 use crate::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
@@ -62,6 +64,7 @@ fn ok_response_header_uses_upstream_field_numbers() {
             }],
             headers_to_remove: vec!["x".into()],
         })),
+        dynamic_metadata: None,
     };
     // HeaderValue{key=1 "a", value=2 "b"}
     let header_value = [tag(1, LEN), 1, b'a', tag(2, LEN), 1, b'b'];
@@ -94,6 +97,7 @@ fn denied_response_uses_upstream_field_numbers() {
             headers: vec![],
             body: "no".into(),
         })),
+        dynamic_metadata: None,
     };
     // HttpStatus{code=1: 401 as varint = 0x91 0x03}
     let http_status = [tag(1, VARINT), 0x91, 0x03];
@@ -174,4 +178,28 @@ fn raw_header_map_is_field_13() {
         (header.key.as_str(), header.raw_value.as_slice()),
         ("k", &b"v"[..])
     );
+}
+
+#[test]
+fn grpc_service_uses_upstream_field_numbers() {
+    let service = GrpcService {
+        target_specifier: Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
+            cluster_name: "c".into(),
+            authority: "a".into(),
+        })),
+        timeout: None,
+    };
+    // GrpcService{envoy_grpc=1 {cluster_name=1 "c", authority=2 "a"}}
+    let want = [tag(1, LEN), 6, tag(1, LEN), 1, b'c', tag(2, LEN), 1, b'a'];
+    assert_eq!(service.encode_to_vec(), want);
+}
+
+#[test]
+fn dynamic_metadata_is_field_four() {
+    let response = CheckResponse {
+        status: None,
+        http_response: None,
+        dynamic_metadata: Some(prost_types::Struct::default()),
+    };
+    assert_eq!(response.encode_to_vec(), [tag(4, LEN), 0]);
 }

@@ -66,6 +66,8 @@ pub enum Outcome {
         cache_hit: bool,
         /// Whether the validation came from the validation cache.
         validation_cached: bool,
+        /// How long a proxy may reuse this answer.
+        reuse: Duration,
     },
     /// Refuse. `identity` is known when the refusal came after validation.
     Denied {
@@ -86,17 +88,20 @@ pub struct Authorizer {
     limiter: Option<Arc<RateLimiter>>,
     token_expiration: Duration,
     kube_timeout: Duration,
+    reuse: Duration,
 }
 
 impl Authorizer {
     /// Builds an authorizer. `token_expiration` is the longest lifetime requested;
-    /// `kube_timeout` bounds the Kubernetes calls of one Check.
+    /// `kube_timeout` bounds the Kubernetes calls of one Check; `reuse` is the longest a
+    /// proxy may reuse an allow (the validation cache's TTL: as long as we would).
     pub fn new(
         workloads: Workloads,
         exchanger: CachedExchanger,
         limiter: Option<RateLimiter>,
         token_expiration: Duration,
         kube_timeout: Duration,
+        reuse: Duration,
     ) -> Self {
         Self {
             workloads,
@@ -104,6 +109,7 @@ impl Authorizer {
             limiter: limiter.map(Arc::new),
             token_expiration,
             kube_timeout,
+            reuse,
         }
     }
 
@@ -136,20 +142,24 @@ impl Authorizer {
         if let Err(denial) = cluster.admit(&review.identity) {
             return denied(source, Some(review.identity), denial);
         }
-        if let Some(limiter) = &self.limiter
-            && let Admission::Throttled { retry_after } =
-                limiter.admit(&review.identity.service_account).await
-        {
-            metrics::global().rate_limited.inc();
-            let seconds = u32::try_from(retry_after.as_secs())
-                .unwrap_or(u32::MAX)
-                .saturating_add(1);
-            return denied(
-                source,
-                Some(review.identity),
-                DenyReason::Throttled(seconds).into(),
-            );
-        }
+        let admission = match &self.limiter {
+            Some(limiter) => limiter.admit(&review.identity.service_account).await,
+            None => Admission::Allowed { near_limit: false },
+        };
+        let near_limit = match admission {
+            Admission::Allowed { near_limit } => near_limit,
+            Admission::Throttled { retry_after } => {
+                metrics::global().rate_limited.inc();
+                let seconds = u32::try_from(retry_after.as_secs())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(1);
+                return denied(
+                    source,
+                    Some(review.identity),
+                    DenyReason::Throttled(seconds).into(),
+                );
+            }
+        };
         let remaining = match review
             .expires_at
             .map(|at| at.duration_since(SystemTime::now()))
@@ -172,6 +182,14 @@ impl Authorizer {
             }
         };
         let lifetime = bounded_lifetime(self.token_expiration, remaining);
+        // Reusable while our own verdict would be: never near the rate limit, never past
+        // the validation's age limit or the workload token's life.
+        let reuse = if near_limit {
+            Duration::ZERO
+        } else {
+            let fresh_for = self.reuse.saturating_sub(review.validated_at.elapsed());
+            remaining.map_or(fresh_for, |left| fresh_for.min(left))
+        };
         let key = ExchangeKey {
             source: cluster.name().to_string(),
             uid: review.identity.uid.clone(),
@@ -186,6 +204,7 @@ impl Authorizer {
                 lifetime,
                 cache_hit,
                 validation_cached,
+                reuse,
             },
             Ok(Err(denial)) => denied(source, Some(review.identity), denial),
             Err(_) => denied(
@@ -269,7 +288,7 @@ impl Authorization for AuthzService {
         m.checks.get_or_create(&labels).inc();
         m.check_duration.observe(latency.as_secs_f64());
         Ok(Response::new(match &outcome {
-            Outcome::Allowed { token, .. } => decision::allow(token),
+            Outcome::Allowed { token, reuse, .. } => decision::allow(token, *reuse),
             Outcome::Denied { denial, .. } => decision::deny(denial.reason),
         }))
     }
@@ -342,6 +361,7 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
             lifetime,
             cache_hit,
             validation_cached,
+            reuse,
         } => {
             let expires_in_s = token
                 .expires_at
@@ -357,6 +377,7 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
                 expires_in_s,
                 cache_hit,
                 validation_cached,
+                reuse_s = reuse.as_secs(),
                 request_id,
                 latency_ms,
                 "check decided"

@@ -15,8 +15,12 @@ const MAX_IDENTITIES: u64 = 100_000;
 /// The answer for one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Go on.
-    Allowed,
+    /// Go on. `near_limit`: less than half the burst is left, so a proxy should not
+    /// reuse this answer (its requests would then bypass the limit).
+    Allowed {
+        /// Under half the burst left.
+        near_limit: bool,
+    },
     /// Refuse; a token is available again after this long.
     Throttled {
         /// For `retry-after`.
@@ -37,7 +41,9 @@ fn take(bucket: &mut Bucket, rate: f64, burst: f64, now: Instant) -> Admission {
     bucket.updated = now;
     if bucket.tokens >= 1.0 {
         bucket.tokens -= 1.0;
-        Admission::Allowed
+        Admission::Allowed {
+            near_limit: bucket.tokens < burst / 2.0,
+        }
     } else {
         let wait = (1.0 - bucket.tokens) / rate;
         Admission::Throttled {
@@ -84,7 +90,7 @@ impl RateLimiter {
         match bucket.lock() {
             Ok(mut b) => take(&mut b, self.rate, self.burst, now),
             // A poisoned bucket only means another check panicked mid-update: admit.
-            Err(_) => Admission::Allowed,
+            Err(_) => Admission::Allowed { near_limit: true },
         }
     }
 }
@@ -100,8 +106,8 @@ mod tests {
             tokens: 3.0,
             updated: t0,
         };
-        for _ in 0..3 {
-            assert_eq!(take(&mut b, 1.0, 3.0, t0), Admission::Allowed);
+        for near_limit in [false, true, true] {
+            assert_eq!(take(&mut b, 1.0, 3.0, t0), Admission::Allowed { near_limit });
         }
         let Admission::Throttled { retry_after } = take(&mut b, 1.0, 3.0, t0) else {
             panic!("throttled")
@@ -110,14 +116,17 @@ mod tests {
             (retry_after.as_secs_f64() - 1.0).abs() < 1e-6,
             "{retry_after:?}"
         );
-        assert_eq!(
+        assert!(matches!(
             take(&mut b, 1.0, 3.0, t0 + Duration::from_millis(1000)),
-            Admission::Allowed
-        );
+            Admission::Allowed { .. }
+        ));
         // Refill never exceeds the burst.
         let later = t0 + Duration::from_secs(3600);
         for _ in 0..3 {
-            assert_eq!(take(&mut b, 1.0, 3.0, later), Admission::Allowed);
+            assert!(matches!(
+                take(&mut b, 1.0, 3.0, later),
+                Admission::Allowed { .. }
+            ));
         }
         assert!(matches!(
             take(&mut b, 1.0, 3.0, later),
@@ -130,11 +139,12 @@ mod tests {
         let limiter = RateLimiter::new(0.001, 1);
         let a = ServiceAccountRef::new("ns", "a").unwrap();
         let b = ServiceAccountRef::new("ns", "b").unwrap();
-        assert_eq!(limiter.admit(&a).await, Admission::Allowed);
+        let allowed = Admission::Allowed { near_limit: true };
+        assert_eq!(limiter.admit(&a).await, allowed);
         assert!(matches!(
             limiter.admit(&a).await,
             Admission::Throttled { .. }
         ));
-        assert_eq!(limiter.admit(&b).await, Admission::Allowed);
+        assert_eq!(limiter.admit(&b).await, allowed);
     }
 }

@@ -73,6 +73,8 @@ pub struct Review {
     /// When the token's intended life ends (`min(exp, kubernetes.io.warnafter)`), if it
     /// says; `None` for tokens without `exp`, such as legacy secret-based ones.
     pub expires_at: Option<SystemTime>,
+    /// When the verdict was reached (a cached one keeps its original time).
+    pub validated_at: std::time::Instant,
 }
 
 impl Reviewer {
@@ -179,6 +181,7 @@ impl Reviewer {
                 uid: user.uid.unwrap_or_default(),
             },
             expires_at: intended_expiry(token),
+            validated_at: std::time::Instant::now(),
         })
     }
 }

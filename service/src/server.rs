@@ -79,6 +79,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         limiter,
         config.token_expiration,
         config.kube_timeout,
+        config.kube.validation_cache_ttl,
     );
     let tls = config.tls.clone().map(ReloadingTls::new).transpose()?;
 

@@ -72,11 +72,13 @@ impl ExtAuthz {
     }
 }
 
-fn socket(addr: SocketAddr) -> Value {
+/// An Envoy `Address`.
+pub(crate) fn socket(addr: SocketAddr) -> Value {
     json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
 }
 
-fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
+/// A STATIC cluster of one endpoint, HTTP/2 when `http2`.
+pub(crate) fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
     let mut c = json!({
         "name": name,
         "type": "STATIC",
@@ -99,10 +101,7 @@ fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
 /// to `upstream`, plus the `tokensmith` (HTTP/2) and `upstream` clusters.
 pub fn bootstrap(filters: Vec<Value>, companion: SocketAddr, upstream: SocketAddr) -> Value {
     let mut http_filters = filters;
-    http_filters.push(json!({
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-    }));
+    http_filters.push(router());
     json!({
         "admin": {"address": socket(SocketAddr::from(([127, 0, 0, 1], 0)))},
         "static_resources": {
@@ -124,6 +123,14 @@ pub fn bootstrap(filters: Vec<Value>, companion: SocketAddr, upstream: SocketAdd
             }],
             "clusters": [cluster("tokensmith", companion, true), cluster("upstream", upstream, false)]
         }
+    })
+}
+
+/// The router filter.
+pub(crate) fn router() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     })
 }
 

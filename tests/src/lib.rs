@@ -6,6 +6,7 @@ pub mod companion;
 pub mod envoy;
 pub mod fake_apiserver;
 pub mod http;
+pub mod istio;
 pub mod process;
 pub mod tls;
 pub mod upstream;

@@ -8,6 +8,9 @@ use tokensmith_proto::envoy::{
     },
     r#type::v3::{HttpStatus, StatusCode},
 };
+use std::time::Duration;
+
+use tokensmith_proto::REUSE_METADATA_KEY;
 use tokensmith_proto::google::rpc::Status;
 
 use crate::{cluster::Cluster, secret::ExchangedToken};
@@ -160,8 +163,13 @@ fn header(key: &str, value: String) -> HeaderValueOption {
     }
 }
 
-/// Allow: replace `authorization` with the management token.
-pub fn allow(token: &ExchangedToken) -> CheckResponse {
+/// Allow: replace `authorization` with the management token; a proxy may reuse the
+/// answer for `reuse` (whole seconds, in the dynamic metadata).
+pub fn allow(token: &ExchangedToken, reuse: Duration) -> CheckResponse {
+    use prost_types::{Struct, Value, value::Kind};
+    let reuse = Value {
+        kind: Some(Kind::NumberValue(reuse.as_secs() as f64)),
+    };
     CheckResponse {
         status: Some(Status {
             code: code::OK,
@@ -175,6 +183,9 @@ pub fn allow(token: &ExchangedToken) -> CheckResponse {
             )],
             headers_to_remove: Vec::new(),
         })),
+        dynamic_metadata: Some(Struct {
+            fields: [(REUSE_METADATA_KEY.to_owned(), reuse)].into(),
+        }),
     }
 }
 
@@ -202,6 +213,7 @@ pub fn deny(reason: DenyReason) -> CheckResponse {
             headers,
             body: reason.body().to_owned(),
         })),
+        dynamic_metadata: None,
     }
 }
 
@@ -344,7 +356,15 @@ mod tests {
 
     #[test]
     fn allow_overwrites_authorization_without_append() {
-        let response = allow(&ExchangedToken::new("mgmt".into(), SystemTime::UNIX_EPOCH));
+        let response = allow(
+            &ExchangedToken::new("mgmt".into(), SystemTime::UNIX_EPOCH),
+            Duration::from_secs(7),
+        );
+        let reuse = &response.dynamic_metadata.as_ref().unwrap().fields[REUSE_METADATA_KEY];
+        assert_eq!(
+            reuse.kind,
+            Some(prost_types::value::Kind::NumberValue(7.0))
+        );
         assert_eq!(response.status.unwrap().code, 0);
         let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
             panic!("not an allow")

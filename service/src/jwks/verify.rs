@@ -272,6 +272,7 @@ pub fn identity(claims: &Value, leeway: Duration, now: i64) -> Result<Review, De
             uid: uid.unwrap_or_default().to_owned(),
         },
         expires_at,
+        validated_at: std::time::Instant::now(),
     })
 }
 

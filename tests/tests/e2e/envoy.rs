@@ -20,23 +20,43 @@ use tokensmith_tests::{
     Endpoint, FakeCluster, Fault,
     envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter, wasm_filter},
     http::{self, HttpResponse},
-    process::filter_wasm,
+    istio::{self, Sidecar},
+    process::{filter_wasm, workspace_root},
     upstream::Upstream,
 };
 
 use crate::companion::World;
 
-/// How the request reaches the companion.
+/// How the request reaches the companion, and how the Envoy in front is configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
-    /// Envoy's `envoy.filters.http.ext_authz` (Istio CUSTOM provider).
+    /// Envoy's `envoy.filters.http.ext_authz` (Istio CUSTOM provider), plain bed.
     ExtAuthz,
-    /// The Tokensmith proxy-wasm filter (Istio WasmPlugin).
+    /// The Tokensmith proxy-wasm filter (Istio WasmPlugin), plain bed.
     Filter,
+    /// ext_authz as istiod renders a CUSTOM provider, through the companion's sidecar.
+    IstioExtAuthz,
+    /// The filter as istiod delivers the shipped WasmPlugin, through the sidecar.
+    IstioFilter,
 }
 
-/// The HTTP filter for `path` in front of a companion at `companion`. `fail_open` maps
-/// to `failure_mode_allow` / `failure_mode: allow`; `filter_config` adds plugin keys.
+impl Path {
+    /// Whether the wasm filter decides.
+    pub fn is_filter(self) -> bool {
+        matches!(self, Path::Filter | Path::IstioFilter)
+    }
+}
+
+/// The shipped WasmPlugin's `pluginConfig` (what the Istio bed runs, unchanged).
+pub fn shipped_plugin_config() -> Result<Value> {
+    let text = std::fs::read_to_string(workspace_root().join("wasmplugin/wasmplugin.yaml"))?;
+    let plugin: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    Ok(serde_json::to_value(&plugin["spec"]["pluginConfig"])?)
+}
+
+/// The HTTP filter for a plain-bed `path` in front of a companion at `companion`.
+/// `fail_open` maps to `failure_mode_allow` / `failure_mode: allow`; `filter_config`
+/// adds plugin keys.
 pub fn path_filter(
     path: Path,
     companion: SocketAddr,
@@ -44,7 +64,7 @@ pub fn path_filter(
     filter_config: &Value,
 ) -> Result<Value> {
     Ok(match path {
-        Path::ExtAuthz => {
+        Path::ExtAuthz | Path::IstioExtAuthz => {
             let mut settings = ExtAuthz::recommended(companion);
             settings.failure_mode_allow = fail_open;
             if let Some(ms) = filter_config.get("timeout_ms").and_then(Value::as_u64) {
@@ -52,17 +72,72 @@ pub fn path_filter(
             }
             ext_authz_filter(&settings)
         }
-        Path::Filter => {
-            let mut config = json!({"grpc_cluster": "tokensmith", "timeout_ms": 2000});
-            if fail_open {
-                config["failure_mode"] = json!("allow");
-            }
-            for (k, v) in filter_config.as_object().into_iter().flatten() {
-                config[k] = v.clone();
-            }
+        Path::Filter | Path::IstioFilter => {
+            let config = plugin_config(json!({"grpc_cluster": "tokensmith", "timeout_ms": 2000}), fail_open, filter_config);
             wasm_filter(&filter_wasm()?, &config)
         }
     })
+}
+
+/// `base` with `failure_mode: allow` when `fail_open`, then `extra`'s keys on top.
+fn plugin_config(mut base: Value, fail_open: bool, extra: &Value) -> Value {
+    if fail_open {
+        base["failure_mode"] = json!("allow");
+    }
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// The Envoy (and, on the Istio bed, the sidecar) in front of a companion.
+pub struct Front {
+    pub envoy: Envoy,
+    pub sidecar: Option<Sidecar>,
+}
+
+impl Front {
+    /// Starts `path`'s Envoy in front of `companion`, forwarding to `upstream`.
+    pub async fn start(
+        path: Path,
+        companion: SocketAddr,
+        upstream: SocketAddr,
+        fail_open: bool,
+        filter_config: &Value,
+    ) -> Result<Front> {
+        if matches!(path, Path::ExtAuthz | Path::Filter) {
+            let filter = path_filter(path, companion, fail_open, filter_config)?;
+            let config = bootstrap(vec![filter], companion, upstream);
+            Envoy::validate(&config).await?;
+            return Ok(Front {
+                envoy: Envoy::start(&config).await?,
+                sidecar: None,
+            });
+        }
+        let timeout_s = filter_config
+            .get("timeout_ms")
+            .and_then(Value::as_u64)
+            .map_or(2, |ms| ms.div_ceil(1000));
+        let filter_config = filter_config.clone();
+        let (envoy, sidecar) = istio::start_gateway(companion, upstream, "gateway", |dir| {
+            Ok(match path {
+                Path::IstioFilter => {
+                    let config = plugin_config(
+                        shipped_plugin_config().map_err(|e| tokensmith_tests::Error::Envoy(e.to_string()))?,
+                        fail_open,
+                        &filter_config,
+                    );
+                    vec![istio::wasm_plugin_filter(dir, istio::PLUGIN_NAME, &filter_wasm()?, &config)?]
+                }
+                _ => istio::custom_provider_filters(timeout_s, fail_open),
+            })
+        })
+        .await?;
+        Ok(Front {
+            envoy,
+            sidecar: Some(sidecar),
+        })
+    }
 }
 
 /// A World plus an upstream and an Envoy in front of the companion.
@@ -71,6 +146,7 @@ pub struct Stage {
     pub upstream: Upstream,
     pub envoy: Envoy,
     pub path: Path,
+    _sidecar: Option<Sidecar>,
 }
 
 impl Stage {
@@ -81,16 +157,14 @@ impl Stage {
     pub async fn start_with(path: Path, extra: &[&str], filter_config: &Value) -> Result<Stage> {
         let world = World::start(extra).await?;
         let upstream = Upstream::start().await?;
-        let addr = world.companion.addr;
-        let filter = path_filter(path, addr, false, filter_config)?;
-        let config = bootstrap(vec![filter], addr, upstream.addr);
-        Envoy::validate(&config).await?;
-        let envoy = Envoy::start(&config).await?;
+        let front =
+            Front::start(path, world.companion.addr, upstream.addr, false, filter_config).await?;
         Ok(Stage {
             world,
             upstream,
-            envoy,
+            envoy: front.envoy,
             path,
+            _sidecar: front.sidecar,
         })
     }
 
@@ -109,15 +183,17 @@ impl Stage {
         let name = match (self.path, what) {
             (Path::ExtAuthz, "allowed") => "http.ingress.ext_authz.ok",
             (Path::ExtAuthz, "denied") => "http.ingress.ext_authz.denied",
-            (Path::Filter, "allowed") => "wasmcustom.tokensmith.allowed",
-            (Path::Filter, "denied") => "wasmcustom.tokensmith.denied",
+            (Path::IstioExtAuthz, "allowed") => "http.outbound_0.0.0.0_8080.ext_authz.ok",
+            (Path::IstioExtAuthz, "denied") => "http.outbound_0.0.0.0_8080.ext_authz.denied",
+            (Path::Filter | Path::IstioFilter, "allowed") => "wasmcustom.tokensmith.allowed",
+            (Path::Filter | Path::IstioFilter, "denied") => "wasmcustom.tokensmith.denied",
             _ => anyhow::bail!("no counter for {what}"),
         };
         Ok(self.envoy.stat(name).await?)
     }
 }
 
-/// Runs each named `async fn(Path) -> Result<()>` once per path, as two tests.
+/// Runs each named `async fn(Path) -> Result<()>` once per path and bed, as four tests.
 macro_rules! on_both_paths {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -128,6 +204,14 @@ macro_rules! on_both_paths {
             #[tokio::test]
             async fn through_the_wasm_filter() -> anyhow::Result<()> {
                 super::$name(super::Path::Filter).await
+            }
+            #[tokio::test]
+            async fn through_ext_authz_as_istio_renders_it() -> anyhow::Result<()> {
+                super::$name(super::Path::IstioExtAuthz).await
+            }
+            #[tokio::test]
+            async fn through_the_wasm_plugin_as_istio_renders_it() -> anyhow::Result<()> {
+                super::$name(super::Path::IstioFilter).await
             }
         }
     )*};
@@ -303,6 +387,7 @@ impl Authorization for FixedDenial {
                 }],
                 body: "fixed denial".into(),
             })),
+            dynamic_metadata: None,
         }))
     }
 }
@@ -311,9 +396,8 @@ async fn companion_503_and_429_denials_hold_even_with_fail_open(path: Path) -> R
     // The companion's own 503 (a dependency down) through a fail-open Envoy / filter.
     let world = World::start(&[]).await?;
     let upstream = Upstream::start().await?;
-    let addr = world.companion.addr;
-    let filter = path_filter(path, addr, true, &json!({}))?;
-    let envoy = Envoy::start(&bootstrap(vec![filter], addr, upstream.addr)).await?;
+    let front = Front::start(path, world.companion.addr, upstream.addr, true, &json!({})).await?;
+    let envoy = &front.envoy;
     let token = world.workload_token(Duration::from_secs(3600));
     world.management.inject(Fault::Refuse);
     let bearer = format!("Bearer {token}");
@@ -329,9 +413,8 @@ async fn companion_503_and_429_denials_hold_even_with_fail_open(path: Path) -> R
             .add_service(AuthorizationServer::new(FixedDenial { http: 429, grpc: 8 }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let filter = path_filter(path, stub_addr, true, &json!({}))?;
-    let envoy = Envoy::start(&bootstrap(vec![filter], stub_addr, upstream.addr)).await?;
-    let reply = http::get(envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    let front = Front::start(path, stub_addr, upstream.addr, true, &json!({})).await?;
+    let reply = http::get(front.envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
     assert_eq!(
         (
             reply.status,
