@@ -73,12 +73,12 @@ impl ExtAuthz {
 }
 
 /// An Envoy `Address`.
-pub(crate) fn socket(addr: SocketAddr) -> Value {
+pub fn socket(addr: SocketAddr) -> Value {
     json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
 }
 
 /// A STATIC cluster of one endpoint, HTTP/2 when `http2`.
-pub(crate) fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
+pub fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
     let mut c = json!({
         "name": name,
         "type": "STATIC",
@@ -127,7 +127,7 @@ pub fn bootstrap(filters: Vec<Value>, companion: SocketAddr, upstream: SocketAdd
 }
 
 /// The router filter.
-pub(crate) fn router() -> Value {
+pub fn router() -> Value {
     json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
@@ -268,6 +268,26 @@ impl Envoy {
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: "))?.trim().parse().ok())
             .unwrap_or(0))
+    }
+
+    /// Every listener's bound address, by listener name.
+    pub async fn listeners(&self) -> Result<Vec<(String, SocketAddr)>, Error> {
+        let listeners = crate::http::get(self.admin, "/listeners?format=json", &[]).await?;
+        let v: Value = serde_json::from_str(&listeners.body)?;
+        let mut found = Vec::new();
+        for l in v["listener_statuses"].as_array().into_iter().flatten() {
+            let socket = &l["local_address"]["socket_address"];
+            let addr = format!(
+                "{}:{}",
+                socket["address"].as_str().unwrap_or(""),
+                socket["port_value"].as_u64().unwrap_or(0)
+            );
+            let addr = addr
+                .parse()
+                .map_err(|e| Error::Envoy(format!("listener address {addr}: {e}")))?;
+            found.push((l["name"].as_str().unwrap_or("").to_owned(), addr));
+        }
+        Ok(found)
     }
 
     /// Everything Envoy logged so far.

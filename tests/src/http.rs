@@ -54,9 +54,25 @@ impl Connection {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<HttpResponse, Error> {
-        let mut request = Request::get(path).header("host", "mgmt-api.example.com");
+        let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        self.get_raw(path, &raw).await
+    }
+
+    /// Like `get`, with header values as raw bytes (any byte but CR, LF and NUL). The
+    /// host is `mgmt-api.example.com` unless `headers` names one.
+    pub async fn get_raw(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &[u8])],
+    ) -> Result<HttpResponse, Error> {
+        let mut request = Request::get(path);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            request = request.header("host", "mgmt-api.example.com");
+        }
         for (k, v) in headers {
-            request = request.header(*k, *v);
+            let value = http::HeaderValue::from_bytes(v)
+                .map_err(|e| Error::Http(format!("header {k}: {e}")))?;
+            request = request.header(*k, value);
         }
         let request = request
             .body(Empty::new())
@@ -89,6 +105,15 @@ impl Connection {
             .await
             .map_err(|_| Error::Http(format!("no answer to GET {path} within 10 s")))?
     }
+}
+
+/// Sends one GET with raw header values on a new connection.
+pub async fn get_raw(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &[u8])],
+) -> Result<HttpResponse, Error> {
+    Connection::open(addr).await?.get_raw(path, headers).await
 }
 
 /// Sends one GET on a new connection.

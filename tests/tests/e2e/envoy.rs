@@ -40,13 +40,6 @@ pub enum Path {
     IstioFilter,
 }
 
-impl Path {
-    /// Whether the wasm filter decides.
-    pub fn is_filter(self) -> bool {
-        matches!(self, Path::Filter | Path::IstioFilter)
-    }
-}
-
 /// The shipped WasmPlugin's `pluginConfig` (what the Istio bed runs, unchanged).
 pub fn shipped_plugin_config() -> Result<Value> {
     let text = std::fs::read_to_string(workspace_root().join("wasmplugin/wasmplugin.yaml"))?;
@@ -216,6 +209,7 @@ macro_rules! on_both_paths {
         }
     )*};
 }
+pub(crate) use on_both_paths;
 
 on_both_paths!(
     upstream_receives_a_management_token_never_the_workload_token,

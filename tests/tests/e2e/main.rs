@@ -5,6 +5,7 @@ mod deploy;
 mod envoy;
 mod fake_apiserver;
 mod filter;
+mod istio;
 mod jwks;
 mod production;
 mod wasmplugin;
