@@ -405,8 +405,9 @@ mod tests {
         let config = Config::parse(json.as_bytes()).unwrap();
         let arg = grpc_service(&config);
         assert_ne!(arg, config.grpc_cluster, "not the fallback");
-        let Some(TargetSpecifier::EnvoyGrpc(envoy)) =
-            GrpcService::decode(arg.as_bytes()).unwrap().target_specifier
+        let Some(TargetSpecifier::EnvoyGrpc(envoy)) = GrpcService::decode(arg.as_bytes())
+            .unwrap()
+            .target_specifier
         else {
             panic!("envoy_grpc")
         };

@@ -107,7 +107,10 @@ mod tests {
             updated: t0,
         };
         for near_limit in [false, true, true] {
-            assert_eq!(take(&mut b, 1.0, 3.0, t0), Admission::Allowed { near_limit });
+            assert_eq!(
+                take(&mut b, 1.0, 3.0, t0),
+                Admission::Allowed { near_limit }
+            );
         }
         let Admission::Throttled { retry_after } = take(&mut b, 1.0, 3.0, t0) else {
             panic!("throttled")

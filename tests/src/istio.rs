@@ -18,7 +18,8 @@ pub const COMPANION_HOST: &str = "tokensmith.tokensmith-system.svc.cluster.local
 /// The companion's cluster as istiod names it: `outbound|PORT|SUBSET|HOST`.
 pub const COMPANION_CLUSTER: &str = "outbound|9001||tokensmith.tokensmith-system.svc.cluster.local";
 /// The ingress gateway's SPIFFE identity.
-pub const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
+pub const GATEWAY_ID: &str =
+    "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
 /// The companion's SPIFFE identity.
 pub const COMPANION_ID: &str = "spiffe://cluster.local/ns/tokensmith-system/sa/tokensmith";
 /// The management API's host on the gateway (the CUSTOM policy's and the plugin's `hosts`).
@@ -45,7 +46,8 @@ impl Mesh {
         let ca_key = KeyPair::generate().map_err(pki_error)?;
         let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(pki_error)?;
         ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::OrganizationName, "cluster.local");
+        ca.distinguished_name
+            .push(DnType::OrganizationName, "cluster.local");
         let ca_cert = ca.clone().self_signed(&ca_key).map_err(pki_error)?;
         std::fs::write(dir.path().join("root-cert.pem"), ca_cert.pem()).map_err(pki_error)?;
         let issuer = Issuer::from_params(&ca, &ca_key);
@@ -62,8 +64,11 @@ impl Mesh {
             let cert = params.signed_by(&key, &issuer).map_err(pki_error)?;
             std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem())
                 .map_err(pki_error)?;
-            std::fs::write(dir.path().join(format!("{name}-key.pem")), key.serialize_pem())
-                .map_err(pki_error)?;
+            std::fs::write(
+                dir.path().join(format!("{name}-key.pem")),
+                key.serialize_pem(),
+            )
+            .map_err(pki_error)?;
         }
         Ok(Self { dir })
     }
@@ -250,7 +255,12 @@ pub fn plugin_config_json(config: &Value) -> String {
 /// A WasmPlugin as istiod delivers it: an HTTP filter named
 /// `extensions.istio.io/wasmplugin/<ns>.<name>` whose configuration comes by ECDS (here
 /// from a file) as a PluginConfig named `<ns>.<name>`, no root id or VM id, fail closed.
-pub fn wasm_plugin_filter(dir: &Path, name: &str, wasm: &Path, config: &Value) -> Result<Value, Error> {
+pub fn wasm_plugin_filter(
+    dir: &Path,
+    name: &str,
+    wasm: &Path,
+    config: &Value,
+) -> Result<Value, Error> {
     let filter_name = format!("extensions.istio.io/wasmplugin/{name}");
     let wasm_config = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
@@ -276,7 +286,8 @@ pub fn wasm_plugin_filter(dir: &Path, name: &str, wasm: &Path, config: &Value) -
         }]
     });
     let path = dir.join(format!("ecds-{}.json", name.replace('/', "_")));
-    std::fs::write(&path, discovery.to_string()).map_err(|e| Error::Envoy(format!("write ECDS: {e}")))?;
+    std::fs::write(&path, discovery.to_string())
+        .map_err(|e| Error::Envoy(format!("write ECDS: {e}")))?;
     Ok(json!({
         "name": filter_name,
         "config_discovery": {
@@ -295,7 +306,13 @@ pub fn wasm_plugin_filter(dir: &Path, name: &str, wasm: &Path, config: &Value) -
 
 /// The gateway: `filters`, then the router to the upstream; the companion's cluster
 /// (Istio's name, HTTP/2, mTLS as `workload`) pointing at `sidecar`.
-pub fn gateway_bootstrap(mesh: &Mesh, workload: &str, filters: Vec<Value>, sidecar: SocketAddr, upstream: SocketAddr) -> Value {
+pub fn gateway_bootstrap(
+    mesh: &Mesh,
+    workload: &str,
+    filters: Vec<Value>,
+    sidecar: SocketAddr,
+    upstream: SocketAddr,
+) -> Value {
     let mut http_filters = filters;
     http_filters.push(router());
     let mut companion = static_cluster(COMPANION_CLUSTER, sidecar, true);
@@ -355,7 +372,13 @@ pub async fn start_gateway(
     let mesh = Mesh::new()?;
     let dir = tempfile::tempdir().map_err(|e| Error::Envoy(e.to_string()))?;
     let sidecar = Envoy::start(&sidecar_bootstrap(&mesh, companion)).await?;
-    let config = gateway_bootstrap(&mesh, workload, filters(dir.path())?, sidecar.addr, upstream);
+    let config = gateway_bootstrap(
+        &mesh,
+        workload,
+        filters(dir.path())?,
+        sidecar.addr,
+        upstream,
+    );
     Envoy::validate(&config).await?;
     let gateway = Envoy::start(&config).await?;
     Ok((

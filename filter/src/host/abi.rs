@@ -232,8 +232,9 @@ pub(super) fn property(path: &[&str]) -> Option<Vec<u8>> {
 /// A shared-data value and its CAS token (`(None, None)` when absent).
 pub(super) fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostStatus> {
     let mut cas = 0;
-    let value =
-        read(|data, len| unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), data, len, &mut cas) })?;
+    let value = read(|data, len| unsafe {
+        proxy_get_shared_data(key.as_ptr(), key.len(), data, len, &mut cas)
+    })?;
     Ok((value, (cas != 0).then_some(cas)))
 }
 

@@ -44,7 +44,11 @@ impl RequestContext {
                 Ok(()) => Action::Continue,
                 Err((name, e)) => {
                     // A credential left in place must not go upstream: refuse instead.
-                    log(Level::Error, self.id, &format!("cannot edit header {name:?} ({e:?})"));
+                    log(
+                        Level::Error,
+                        self.id,
+                        &format!("cannot edit header {name:?} ({e:?})"),
+                    );
                     self.perform(flow::on_host_failure(), None)
                 }
             },
@@ -53,9 +57,14 @@ impl RequestContext {
                 headers,
                 body,
             } => {
-                if let Err(e) = abi::send_response(status, &headers::encode(&headers), body.as_bytes())
+                if let Err(e) =
+                    abi::send_response(status, &headers::encode(&headers), body.as_bytes())
                 {
-                    log(Level::Error, self.id, &format!("cannot answer the client ({e:?})"));
+                    log(
+                        Level::Error,
+                        self.id,
+                        &format!("cannot answer the client ({e:?})"),
+                    );
                 }
                 Action::Pause
             }

@@ -97,7 +97,8 @@ fn retire_previous_scope(name: &[u8], root_id: &[u8], scope: &str, slots: u32) {
         return;
     };
     let previous = previous.unwrap_or_default();
-    if previous == current.as_bytes() || abi::set_shared_data(&key, current.as_bytes(), cas).is_err()
+    if previous == current.as_bytes()
+        || abi::set_shared_data(&key, current.as_bytes(), cas).is_err()
     {
         return;
     }

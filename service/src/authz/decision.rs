@@ -1,6 +1,7 @@
 //! Decisions as data, and the one table that turns them into what Envoy, the client and
 //! the logs see.
 
+use std::time::Duration;
 use tokensmith_proto::envoy::{
     config::core::v3::{HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction},
     service::auth::v3::{
@@ -8,7 +9,6 @@ use tokensmith_proto::envoy::{
     },
     r#type::v3::{HttpStatus, StatusCode},
 };
-use std::time::Duration;
 
 use tokensmith_proto::REUSE_METADATA_KEY;
 use tokensmith_proto::google::rpc::Status;
@@ -361,10 +361,7 @@ mod tests {
             Duration::from_secs(7),
         );
         let reuse = &response.dynamic_metadata.as_ref().unwrap().fields[REUSE_METADATA_KEY];
-        assert_eq!(
-            reuse.kind,
-            Some(prost_types::value::Kind::NumberValue(7.0))
-        );
+        assert_eq!(reuse.kind, Some(prost_types::value::Kind::NumberValue(7.0)));
         assert_eq!(response.status.unwrap().code, 0);
         let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
             panic!("not an allow")

@@ -66,7 +66,11 @@ pub fn path_filter(
             ext_authz_filter(&settings)
         }
         Path::Filter | Path::IstioFilter => {
-            let config = plugin_config(json!({"grpc_cluster": "tokensmith", "timeout_ms": 2000}), fail_open, filter_config);
+            let config = plugin_config(
+                json!({"grpc_cluster": "tokensmith", "timeout_ms": 2000}),
+                fail_open,
+                filter_config,
+            );
             wasm_filter(&filter_wasm()?, &config)
         }
     })
@@ -116,11 +120,17 @@ impl Front {
             Ok(match path {
                 Path::IstioFilter => {
                     let config = plugin_config(
-                        shipped_plugin_config().map_err(|e| tokensmith_tests::Error::Envoy(e.to_string()))?,
+                        shipped_plugin_config()
+                            .map_err(|e| tokensmith_tests::Error::Envoy(e.to_string()))?,
                         fail_open,
                         &filter_config,
                     );
-                    vec![istio::wasm_plugin_filter(dir, istio::PLUGIN_NAME, &filter_wasm()?, &config)?]
+                    vec![istio::wasm_plugin_filter(
+                        dir,
+                        istio::PLUGIN_NAME,
+                        &filter_wasm()?,
+                        &config,
+                    )?]
                 }
                 _ => istio::custom_provider_filters(timeout_s, fail_open),
             })
@@ -150,8 +160,14 @@ impl Stage {
     pub async fn start_with(path: Path, extra: &[&str], filter_config: &Value) -> Result<Stage> {
         let world = World::start(extra).await?;
         let upstream = Upstream::start().await?;
-        let front =
-            Front::start(path, world.companion.addr, upstream.addr, false, filter_config).await?;
+        let front = Front::start(
+            path,
+            world.companion.addr,
+            upstream.addr,
+            false,
+            filter_config,
+        )
+        .await?;
         Ok(Stage {
             world,
             upstream,

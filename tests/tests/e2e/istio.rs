@@ -33,32 +33,47 @@ fn checks(world: &World) -> usize {
 
 async fn header_bytes_that_are_not_utf8_never_stop_correct_decisions(path: Path) -> Result<()> {
     let stage = Stage::start(path, &[]).await?;
-    let token = format!("Bearer {}", stage.world.workload_token(Duration::from_secs(3600)));
+    let token = format!(
+        "Bearer {}",
+        stage.world.workload_token(Duration::from_secs(3600))
+    );
     let addr = stage.envoy.addr;
     let path_ = "/api/v1/namespaces/app-prod/secrets";
     for round in 0..3 {
         // Another header not UTF-8, without a token: refused for the missing token.
+        // (Never print a body that could be the upstream's echo: it holds tokens.)
         let reply = http::get_raw(addr, path_, &[("x-note", b"caf\xe9")]).await?;
-        assert_eq!(reply.status, 401, "round {round}: {}", reply.body);
+        assert_eq!(reply.status, 401, "round {round}");
         // A credential that is not UTF-8: malformed.
         let reply = http::get_raw(addr, path_, &[("authorization", b"Bearer caf\xe9")]).await?;
-        assert_eq!(reply.status, 401, "round {round}: {}", reply.body);
+        assert_eq!(reply.status, 401, "round {round}");
         // With a valid token beside a header that is not UTF-8: exchanged.
         let reply = http::get_raw(
             addr,
             path_,
-            &[("x-note", b"\xff\xfe caf\xe9"), ("authorization", token.as_bytes())],
+            &[
+                ("x-note", b"\xff\xfe caf\xe9"),
+                ("authorization", token.as_bytes()),
+            ],
         )
         .await?;
         assert_eq!(reply.status, 200, "round {round}: {}", reply.body);
     }
     // Afterwards the proxy still decides: a valid token passes, a bad one does not.
-    assert_eq!(stage.get(Some(token.trim_start_matches("Bearer "))).await?.status, 200);
+    assert_eq!(
+        stage
+            .get(Some(token.trim_start_matches("Bearer ")))
+            .await?
+            .status,
+        200
+    );
     assert_eq!(stage.get(Some("garbage")).await?.status, 401);
     let seen = stage.upstream.seen();
     assert_eq!(seen.len(), 4, "only the valid requests went upstream");
     for request in &seen {
-        let forwarded = request.header("authorization").trim_start_matches("Bearer ");
+        let forwarded = request
+            .header("authorization")
+            .trim_start_matches("Bearer ");
         stage.world.management.verify(forwarded)?;
     }
     Ok(())
@@ -82,7 +97,10 @@ async fn a_request_for_another_host_passes_untouched_and_costs_no_check(path: Pa
         let reply = http::get_raw(
             stage.envoy.addr,
             "/their/api",
-            &[("host", b"other-app.example.com"), ("authorization", theirs.as_bytes())],
+            &[
+                ("host", b"other-app.example.com"),
+                ("authorization", theirs.as_bytes()),
+            ],
         )
         .await?;
         assert_eq!(reply.status, 200, "{}", reply.body);
@@ -145,11 +163,27 @@ async fn the_shipped_wasm_plugin_answers_repeats_from_its_cache() -> Result<()> 
 #[tokio::test]
 async fn the_shipped_wasm_plugin_fails_open_without_the_credential() -> Result<()> {
     let upstream = Upstream::start().await?;
-    let front = Front::start(Path::IstioFilter, dead_address().await?, upstream.addr, true, &json!({})).await?;
-    let reply = http::get(front.envoy.addr, "/", &[("authorization", "Bearer workload-secret")]).await?;
+    let front = Front::start(
+        Path::IstioFilter,
+        dead_address().await?,
+        upstream.addr,
+        true,
+        &json!({}),
+    )
+    .await?;
+    let reply = http::get(
+        front.envoy.addr,
+        "/",
+        &[("authorization", "Bearer workload-secret")],
+    )
+    .await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let seen = upstream.seen().pop().context("upstream called")?;
-    assert_eq!(seen.header("authorization"), "", "the credential must be removed");
+    assert_eq!(
+        seen.header("authorization"),
+        "",
+        "the credential must be removed"
+    );
     assert!(!seen.headers.values().any(|v| v.contains("workload-secret")));
     Ok(())
 }
@@ -195,10 +229,14 @@ async fn two_plugins_in_one_envoy_never_serve_each_others_answers() -> Result<()
     let path = "/api/v1/namespaces/app-prod/secrets";
     let headers = [("authorization", token.as_str())];
     assert_eq!(http::get(addr("a")?, path, &headers).await?.status, 200);
-    assert_eq!(http::get(addr("a")?, path, &headers).await?.status, 200, "a's cache");
+    assert_eq!(
+        http::get(addr("a")?, path, &headers).await?.status,
+        200,
+        "a's cache"
+    );
     for _ in 0..2 {
         let reply = http::get(addr("b")?, path, &headers).await?;
-        assert_eq!(reply.status, 401, "b's companion refuses it: {}", reply.body);
+        assert_eq!(reply.status, 401, "b's companion refuses it");
     }
     assert_eq!(checks(&a), 1);
     assert_eq!(checks(&b), 2, "b never answered from a's entry");

@@ -16,9 +16,9 @@ use tokensmith_proto::envoy::service::auth::v3::CheckResponse;
 use tokensmith_tests::{
     Endpoint, FakeCluster, Fault, Rights, ServiceAccount,
     companion::Companion,
-    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter},
+    envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter, wasm_filter},
     http,
-    process::tokensmith_bin,
+    process::{filter_wasm, tokensmith_bin},
     upstream::Upstream,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -1158,5 +1158,60 @@ async fn through_envoy_a_jwks_token_is_exchanged_and_an_unknown_issuer_is_refuse
         "Bearer error=\"invalid_token\""
     );
     assert_eq!(upstream.count(), 1, "a denial never reaches the upstream");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_policy_change_reaches_the_wasm_filter_within_the_companions_reuse_limit()
+-> Result<()> {
+    const REUSE_S: u64 = 2;
+    let scene = Scene::new().await?;
+    let east = workload("east", 1).await?;
+    let sa = east.add_service_account("app-prod", "eso-sa");
+    scene.grant("app-prod", "eso-sa");
+    let entry = scene.jwks_entry(&east, "")?;
+    let mut volume = ConfigMapVolume::new(
+        scene.dir.path().join("volume"),
+        &format!("clusters:\n{entry}"),
+    )?;
+    // The companion would reuse its own verdict 2 s; the filter's own max age is 60 s.
+    let ttl = format!("{REUSE_S}s");
+    let mut companion = scene
+        .companion(&volume.path(), &["east"], &["--validation-cache-ttl", &ttl])
+        .await?;
+    let upstream = Upstream::start().await?;
+    let filter = wasm_filter(
+        &filter_wasm()?,
+        &json!({"grpc_cluster": "tokensmith", "cache": {"max_age_s": 60}}),
+    );
+    let envoy = Envoy::start(&bootstrap(vec![filter], companion.addr, upstream.addr)).await?;
+    let bearer = format!("Bearer {}", east.mint(&sa).sign());
+    let headers = [("authorization", bearer.as_str())];
+    let get = || http::get(envoy.addr, "/api", &headers);
+    assert_eq!(get().await?.status, 200);
+    assert_eq!(get().await?.status, 200);
+    assert_eq!(
+        decisions(&companion).len(),
+        1,
+        "the second was a filter cache hit"
+    );
+
+    volume.publish(&format!(
+        "clusters:\n{entry}  namespaces:\n    deny: [app-prod]\n"
+    ))?;
+    reloaded(&mut companion, 2).await?;
+    let changed = std::time::Instant::now();
+    // The behaviour under test is time: poll until the filter asks again and is refused.
+    let mut status = get().await?.status;
+    while status == 200 && changed.elapsed() < Duration::from_secs(REUSE_S + 3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = get().await?.status;
+    }
+    assert_eq!(status, 403, "refused once the reuse limit ran out");
+    assert!(
+        changed.elapsed() <= Duration::from_secs(REUSE_S + 1),
+        "took {:?}",
+        changed.elapsed()
+    );
     Ok(())
 }
