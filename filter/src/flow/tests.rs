@@ -87,6 +87,20 @@ fn ok_reply_reusable_for(exchanged: &str, seconds: f64) -> Vec<u8> {
     reply.encode_to_vec()
 }
 
+/// The HTTP attributes of an encoded CheckRequest.
+fn sent(
+    message: &[u8],
+) -> tokensmith_proto::envoy::service::auth::v3::attribute_context::HttpRequest {
+    CheckRequest::decode(message)
+        .unwrap()
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap()
+}
+
 /// Runs one request through dispatch and an OK reply; returns the reply's decision.
 fn exchange(config: &Config, store: &MemoryStore, token: &str, exchanged: &str) -> Decision {
     let (decision, pending) = on_request(
@@ -157,14 +171,7 @@ fn a_cache_miss_dispatches_a_check_with_trace_metadata() {
     };
     assert_eq!(timeout, Duration::from_millis(1000));
     assert_eq!(metadata, [("x-request-id".to_owned(), "r1".to_owned())]);
-    let http = CheckRequest::decode(message.as_slice())
-        .unwrap()
-        .attributes
-        .unwrap()
-        .request
-        .unwrap()
-        .http
-        .unwrap();
+    let http = sent(&message);
     assert_eq!(http.headers["authorization"], format!("Bearer {token}"));
     assert_eq!(pending.unwrap().workload_expiry, Some(NOW + 3600));
 }
@@ -320,14 +327,7 @@ fn a_custom_credential_header_is_removed_when_authorization_is_set() {
     let Step::Dispatch { message, .. } = d.step else {
         panic!()
     };
-    let http = CheckRequest::decode(message.as_slice())
-        .unwrap()
-        .attributes
-        .unwrap()
-        .request
-        .unwrap()
-        .http
-        .unwrap();
+    let http = sent(&message);
     assert_eq!(http.headers["authorization"], format!("Bearer {token}"));
     let exchanged = jwt(&format!(r#"{{"exp":{}}}"#, NOW + 1800));
     let d = on_check_reply(
@@ -422,14 +422,7 @@ fn other_headers_that_are_not_utf8_are_passed_over() {
     let Step::Dispatch { message, .. } = d.step else {
         panic!("{:?}", d.step)
     };
-    let http = CheckRequest::decode(message.as_slice())
-        .unwrap()
-        .attributes
-        .unwrap()
-        .request
-        .unwrap()
-        .http
-        .unwrap();
+    let http = sent(&message);
     assert!(!http.headers.contains_key("x-note"));
     assert_eq!(http.headers["authorization"], token);
     assert_eq!(http.id, "r1", "the first x-request-id is UTF-8");

@@ -146,6 +146,12 @@ async fn companion_down_fails_closed_with_503_by_default() -> Result<()> {
 async fn companion_down_with_failure_mode_allow_passes_without_the_workload_token() -> Result<()> {
     let config = json!({"grpc_cluster": "tokensmith", "failure_mode": "allow"});
     let (envoy, upstream) = filter_envoy(dead_address().await?, config).await?;
+    passes_without_the_credential(&envoy, &upstream).await
+}
+
+/// With the companion away and `failure_mode: allow`, a request passes unauthenticated:
+/// its credential is removed, never forwarded.
+pub async fn passes_without_the_credential(envoy: &Envoy, upstream: &Upstream) -> Result<()> {
     let reply = http::get(
         envoy.addr,
         "/",
