@@ -25,15 +25,26 @@ pub enum Fault {
         /// HTTP status code, e.g. 500, 503 or 429.
         code: u16,
     },
+    /// Answer `code` with this JSON `body` instead of the real answer: a response of an
+    /// unexpected shape (tests put real tokens in it, as kube-apiserver echoes them).
+    Body {
+        /// `None` applies to every endpoint.
+        endpoint: Option<Endpoint>,
+        /// HTTP status code (200/201: a "success" that does not decode).
+        code: u16,
+        /// The JSON text.
+        body: String,
+    },
     /// Accept TCP connections and drop them at once, before TLS: clients see a reset or EOF.
     Refuse,
 }
 
 /// What applies to one request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub(crate) delay: Option<Duration>,
     pub(crate) status: Option<u16>,
+    pub(crate) body: Option<(u16, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -71,7 +82,20 @@ impl Faults {
             _ => None,
         });
         let status = most_specific(codes, endpoint);
-        Plan { delay, status }
+        let bodies = faults.iter().filter_map(|fault| match fault {
+            Fault::Body {
+                endpoint,
+                code,
+                body,
+            } => Some((*endpoint, (*code, body.clone()))),
+            _ => None,
+        });
+        let body = most_specific(bodies, endpoint);
+        Plan {
+            delay,
+            status,
+            body,
+        }
     }
 }
 
@@ -95,6 +119,7 @@ fn same_slot(a: &Fault, b: &Fault) -> bool {
     match (a, b) {
         (Fault::Latency { endpoint: x, .. }, Fault::Latency { endpoint: y, .. }) => x == y,
         (Fault::Status { endpoint: x, .. }, Fault::Status { endpoint: y, .. }) => x == y,
+        (Fault::Body { endpoint: x, .. }, Fault::Body { endpoint: y, .. }) => x == y,
         (Fault::Refuse, Fault::Refuse) => true,
         _ => false,
     }
@@ -126,14 +151,16 @@ mod tests {
             faults.plan(Endpoint::TokenRequest),
             Plan {
                 delay: Some(Duration::from_millis(5)),
-                status: Some(429)
+                status: Some(429),
+                body: None,
             }
         );
         assert_eq!(
             faults.plan(Endpoint::TokenReview),
             Plan {
                 delay: None,
-                status: Some(503)
+                status: Some(503),
+                body: None,
             }
         );
     }

@@ -78,6 +78,10 @@ async fn respond(
     if let Some(code) = plan.status {
         return fault(code);
     }
+    if let Some((code, body)) = plan.body {
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        return reply(code, "application/json", body.into_bytes());
+    }
 
     let body = match body {
         Ok(body) => body,

@@ -664,3 +664,52 @@ async fn no_token_or_part_of_one_reaches_any_log() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn malformed_api_answers_carrying_tokens_are_503_and_never_logged() -> Result<()> {
+    // No validation cache: every check asks the (faulty) workload API server.
+    let world = World::start(&["--validation-cache-ttl", "0"]).await?;
+    let good = world.workload_token(Duration::from_secs(3600));
+    let minted = world.management.mint(&world.management_sa).sign();
+    // A TokenReview answer that echoes spec.token (as kube-apiserver does) in a shape that
+    // does not decode.
+    world.workload.inject(Fault::Body {
+        endpoint: Some(Endpoint::TokenReview),
+        code: 201,
+        body: serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": {"token": good}, "status": {"authenticated": "yes"}
+        })
+        .to_string(),
+    });
+    assert_eq!(denied(&world.check_bearer(&good).await?)?.http, 503);
+    world.workload.clear_faults();
+    // A TokenRequest answer carrying a minted token, with an expiry that is not a time.
+    world.management.inject(Fault::Body {
+        endpoint: Some(Endpoint::TokenRequest),
+        code: 201,
+        body: serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "status": {"token": minted, "expirationTimestamp": 12}
+        })
+        .to_string(),
+    });
+    assert_eq!(denied(&world.check_bearer(&good).await?)?.http, 503);
+    // The same shapes as error answers (kube-client logs those bodies too).
+    world.management.inject(Fault::Body {
+        endpoint: Some(Endpoint::TokenRequest),
+        code: 500,
+        body: format!("{{\"kind\":\"Status\",\"message\":{minted:?},\"code\":\"x\"}}"),
+    });
+    assert_eq!(denied(&world.check_bearer(&good).await?)?.http, 503);
+
+    assert!(decisions(&world.companion).len() >= 3);
+    let logs = world.companion.logs();
+    for token in [&good, &minted] {
+        assert!(
+            !tokensmith_tests::leaks(&logs, token),
+            "a piece of a token is in the log"
+        );
+    }
+    Ok(())
+}

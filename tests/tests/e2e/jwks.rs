@@ -1215,3 +1215,57 @@ async fn a_namespace_policy_change_reaches_the_wasm_filter_within_the_companions
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn malformed_jwks_and_discovery_answers_carrying_tokens_are_never_logged() -> Result<()> {
+    let scene = Scene::new().await?;
+    let east = FakeCluster::builder("east")
+        .signing_key(1)
+        .issuer_is_url()
+        .start()
+        .await?;
+    let west = workload("west", 3).await?;
+    let east_sa = east.add_service_account("app-prod", "eso-sa");
+    let west_sa = west.add_service_account("app-prod", "eso-sa");
+    scene.grant("app-prod", "eso-sa");
+    let east_token = east.mint(&east_sa).sign();
+    let west_token = west.mint(&west_sa).sign();
+    // Discovery and JWKS answers of the wrong shape, each carrying a real token.
+    east.inject(Fault::Body {
+        endpoint: Some(Endpoint::OpenIdConfiguration),
+        code: 200,
+        body: json!({"issuer": east.issuer(), "jwks_uri": [east_token]}).to_string(),
+    });
+    west.inject(Fault::Body {
+        endpoint: Some(Endpoint::Jwks),
+        code: 200,
+        body: json!({"keys": west_token}).to_string(),
+    });
+    let east_entry = format!(
+        "- name: east\n  issuer: {}\n  discovery: true\n  ca_file: {}\n",
+        east.issuer(),
+        scene.ca_file(&east)?.display()
+    );
+    let config = scene.write("clusters.yaml", &[east_entry, scene.jwks_entry(&west, "")?])?;
+    let mut companion = Companion::start_with_args(&scene.args(&config, &[])).await?;
+    // Both fetches failed (and were logged) before any check.
+    for cluster in ["east", "west"] {
+        companion
+            .wait_for_log(LOG_WAIT, |r| {
+                r["workload_cluster"] == cluster && r["level"] != "INFO"
+            })
+            .await?;
+    }
+    for token in [&east_token, &west_token] {
+        let d = denied(&check(&companion, token).await?)?;
+        assert_eq!(d.http, 503, "no keys: no verdict");
+    }
+    let logs = companion.logs();
+    for token in [&east_token, &west_token] {
+        assert!(
+            !tokensmith_tests::leaks(&logs, token),
+            "a piece of a token is in the log"
+        );
+    }
+    Ok(())
+}
