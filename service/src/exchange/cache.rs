@@ -121,9 +121,10 @@ impl CachedExchanger {
         }
     }
 
-    /// A management token for `key`, valid at most `lifetime` from now (+ slack): from
-    /// the cache when one is comfortably valid, else from one TokenRequest shared by all
-    /// concurrent callers. Returns whether it was a hit.
+    /// A management token for `key`, valid at most `lifetime` from now (+ slack), always:
+    /// from the cache when one is comfortably valid, else from one TokenRequest shared by
+    /// the concurrent callers it suits (one whose token would outlive this caller's bound
+    /// makes its own). Returns whether it was a hit.
     pub async fn exchange(
         &self,
         key: ExchangeKey,
@@ -154,7 +155,7 @@ impl CachedExchanger {
         let sa = key.service_account.clone();
         let cached = self
             .cache
-            .try_get_with(key, async move {
+            .try_get_with(key.clone(), async move {
                 let token = inner.exchange(&sa, lifetime).await?;
                 Ok::<_, Denial>(Cached::new(token, SystemTime::now()))
             })
@@ -163,6 +164,12 @@ impl CachedExchanger {
         // moka enforces its bound in housekeeping; run it on misses (rare by design) so
         // the bound and the eviction count hold now, not at some later operation.
         self.cache.run_pending_tasks().await;
+        if cached.token.expires_at > latest_allowed {
+            // Another caller's exchange, for a longer-lived workload token of the same
+            // identity: this one must not outlive ours. Ask for our own, uncached.
+            let token = self.inner.exchange(&key.service_account, lifetime).await?;
+            return Ok((token, false));
+        }
         Ok((cached.token, false))
     }
 

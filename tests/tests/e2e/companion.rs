@@ -268,6 +268,41 @@ async fn lifetime_is_bounded_by_the_workload_token_with_the_api_minimum_as_floor
 }
 
 #[tokio::test]
+async fn concurrent_long_and_short_lived_tokens_of_one_identity_each_keep_the_lifetime_rule()
+-> Result<()> {
+    let world = World::start(&[]).await?;
+    // Slow TokenRequests, so the short token's miss arrives while the long one's is out.
+    world.management.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenRequest),
+        delay: Duration::from_millis(600),
+    });
+    let long = world.workload_token(Duration::from_secs(3600));
+    let short = world.workload_token(Duration::from_secs(700));
+    let long_check = world.check_bearer(&long);
+    let short_check = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        world.check_bearer(&short).await
+    };
+    let (long_reply, short_reply) = tokio::join!(long_check, short_check);
+    for (workload, reply) in [(&long, long_reply?), (&short, short_reply?)] {
+        let w = world.workload.verify(workload)?;
+        let m = world.management.verify(&allowed_token(&reply)?)?;
+        // Never more than the 600 s floor (here: never at all) past the workload token.
+        assert!(
+            m.exp <= w.exp.max(now() + 600) + 5,
+            "exchanged token outlives its workload token by {} s",
+            m.exp - w.exp
+        );
+    }
+    // And a later hit for the short token is not the long token's cached exchange.
+    let again = world
+        .management
+        .verify(&allowed_token(&world.check_bearer(&short).await?)?)?;
+    assert!(again.exp <= world.workload.verify(&short)?.exp + 5);
+    Ok(())
+}
+
+#[tokio::test]
 async fn warnafter_of_an_extended_token_bounds_the_lifetime() -> Result<()> {
     let world = World::start(&[]).await?;
     let token = world
