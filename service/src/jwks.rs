@@ -81,6 +81,9 @@ struct Remote {
 struct RefreshState {
     in_flight: bool,
     last_on_demand: Option<Instant>,
+    /// The last fetch failed: an unknown `kid` then has no verdict (503, not 401), and
+    /// on-demand refreshes may come every FIRST_RETRY so a returning endpoint is seen soon.
+    last_failed: bool,
 }
 
 impl Drop for Inner {
@@ -220,13 +223,22 @@ impl JwksValidator {
             let seen = *attempts.borrow_and_update();
             if !state.in_flight {
                 let now = Instant::now();
+                let min_interval = if state.last_failed {
+                    FIRST_RETRY
+                } else {
+                    ON_DEMAND_MIN_INTERVAL
+                };
                 if state
                     .last_on_demand
-                    .is_some_and(|at| now.duration_since(at) < ON_DEMAND_MIN_INTERVAL)
+                    .is_some_and(|at| now.duration_since(at) < min_interval)
                 {
-                    return Err(invalid(
-                        "no key with the token's kid; refresh skipped (at most one per 30 s)",
-                    ));
+                    return Err(if state.last_failed {
+                        unavailable("no key with the token's kid and the jwks endpoint is failing")
+                    } else {
+                        invalid(
+                            "no key with the token's kid; refresh skipped (at most one per 30 s)",
+                        )
+                    });
                 }
                 state.last_on_demand = Some(now);
                 state.in_flight = true;
@@ -242,8 +254,19 @@ impl JwksValidator {
         attempts
             .wait_for(|n| *n > seen)
             .await
-            .map(|_| ())
-            .map_err(|_| unavailable("jwks refresh task stopped"))
+            .map_err(|_| unavailable("jwks refresh task stopped"))?;
+        let failed = remote
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last_failed;
+        if failed {
+            // No verdict: the key may exist and we could not fetch it.
+            return Err(unavailable(
+                "no key with the token's kid and the jwks refresh failed",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -345,6 +368,8 @@ async fn fetch_once(inner: &Inner, loaded: &Notify) -> bool {
     }
     let mut state = remote.state.lock().unwrap_or_else(PoisonError::into_inner);
     state.in_flight = false;
+    state.last_failed = !ok;
+    drop(state);
     remote.attempts.send_modify(|n| *n += 1);
     ok
 }

@@ -1269,3 +1269,45 @@ async fn malformed_jwks_and_discovery_answers_carrying_tokens_are_never_logged()
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_jwks_outage_during_a_rotation_is_503_for_new_keys_and_heals_within_seconds() -> Result<()>
+{
+    let scene = Scene::new().await?;
+    let east = workload("east", 1).await?;
+    let sa = east.add_service_account("app-prod", "eso-sa");
+    scene.grant("app-prod", "eso-sa");
+    let config = scene.write("clusters.yaml", &[scene.jwks_entry(&east, "")?])?;
+    let companion = scene.companion(&config, &["east"], &[]).await?;
+    let old_key_token = east.mint(&sa).sign();
+    allowed(&companion, &old_key_token, "east").await?;
+
+    // The issuer rotates while its JWKS endpoint fails.
+    east.inject(Fault::Status {
+        endpoint: Some(Endpoint::Jwks),
+        code: 500,
+    });
+    east.rotate_signing_key(2, true)?;
+    let new_key_token = east.mint(&sa).sign();
+    let line = refused(&companion, &new_key_token, 503, "unavailable").await?;
+    assert_eq!(line["cluster"], "workload", "{line}");
+    refused(&companion, &new_key_token, 503, "unavailable").await?;
+    allowed(&companion, &old_key_token, "east").await?;
+
+    // The endpoint is back: the new key is fetched on demand, within seconds.
+    east.clear_faults();
+    let back = std::time::Instant::now();
+    loop {
+        let response = check(&companion, &new_key_token).await?;
+        if allowed_token(&response).is_ok() {
+            break;
+        }
+        ensure!(denied(&response)?.http == 503, "only 503 while healing");
+        ensure!(
+            back.elapsed() < Duration::from_secs(5),
+            "not healed within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
