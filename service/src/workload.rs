@@ -61,7 +61,11 @@ impl WorkloadCluster {
     /// Also says whether the answer came from the validation cache (TokenReview only).
     pub async fn validate(&self, token: &BearerToken) -> Result<(Review, bool), Denial> {
         match &self.validator {
-            Validator::TokenReview(reviewer) => reviewer.review(token).await,
+            Validator::TokenReview(reviewer) => {
+                // Junk never reaches the API server: the shape is checked here first.
+                verify::prevalidate(token.expose(), self.leeway)?;
+                reviewer.review(token).await
+            }
             Validator::Jwks(jwks) => {
                 let expect = verify::Expectations {
                     issuer: &self.issuer,

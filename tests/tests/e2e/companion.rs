@@ -748,3 +748,65 @@ async fn malformed_api_answers_carrying_tokens_are_503_and_never_logged() -> Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn junk_bearers_never_reach_token_review_and_a_real_check_passes_during_a_flood() -> Result<()>
+{
+    const JUNK: usize = 500;
+    let world = World::start(&[]).await?;
+    // A slow workload API server: every TokenReview takes 400 ms.
+    world.workload.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenReview),
+        delay: Duration::from_millis(400),
+    });
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let b64 = |v: &str| URL_SAFE_NO_PAD.encode(v);
+    let expired = world.workload.mint(&world.workload_sa).expired().sign();
+    let junk: Vec<String> = (0..JUNK)
+        .map(|i| match i % 4 {
+            0 => format!("junk-{i}-not-a-jwt"),
+            1 => format!(
+                "{}.{}.",
+                b64(r#"{"alg":"none"}"#),
+                b64(&format!(r#"{{"n":{i}}}"#))
+            ),
+            2 => format!(
+                "{}.{}.c2ln",
+                b64(r#"{"alg":"RS256"}"#),
+                b64(&format!("[{i}]"))
+            ),
+            _ => expired.clone(),
+        })
+        .collect();
+    let mut flood = tokio::task::JoinSet::new();
+    for token in junk {
+        let mut client = world.companion.client();
+        flood.spawn(async move {
+            let header = format!("Bearer {token}");
+            let request =
+                tokensmith_tests::companion::envoy_like_check(&[("authorization", &header)]);
+            client.check(request).await.map(|r| r.into_inner())
+        });
+    }
+    // The legitimate check runs while the flood is in flight, within Envoy's deadline.
+    let good = world.workload_token(Duration::from_secs(3600));
+    let mut request = tonic::Request::new(tokensmith_tests::companion::envoy_like_check(&[(
+        "authorization",
+        &format!("Bearer {good}"),
+    )]));
+    request.set_timeout(Duration::from_secs(2));
+    let reply = world.companion.client().check(request).await?.into_inner();
+    allowed_token(&reply)?;
+    let mut refused = 0;
+    while let Some(answer) = flood.join_next().await {
+        assert_eq!(denied(&answer??)?.http, 401);
+        refused += 1;
+    }
+    assert_eq!(refused, JUNK);
+    assert_eq!(
+        world.workload.count(Endpoint::TokenReview),
+        1,
+        "only the real token was reviewed"
+    );
+    Ok(())
+}

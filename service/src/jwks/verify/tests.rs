@@ -427,3 +427,41 @@ fn the_unverified_issuer_is_read_from_the_payload_only() {
         None
     );
 }
+
+#[test]
+fn prevalidation_refuses_junk_and_expired_tokens_before_any_call() {
+    let key = rsa();
+    let live = key.sign(&json!({"iss": ISSUER, "exp": now() + 600}));
+    let legacy = key.sign(&json!({"iss": "kubernetes/serviceaccount"}));
+    let leeway = Duration::from_secs(30);
+    assert_eq!(prevalidate(&live, leeway), Ok(()));
+    assert_eq!(
+        prevalidate(&legacy, leeway),
+        Ok(()),
+        "no exp: the API server decides"
+    );
+    let within_leeway = key.sign(&json!({"exp": now() - 10}));
+    assert_eq!(prevalidate(&within_leeway, leeway), Ok(()));
+    let detail = |token: &str| prevalidate(token, leeway).unwrap_err().detail.unwrap();
+    assert_eq!(
+        detail(&key.sign(&json!({"exp": now() - 100}))),
+        "token expired"
+    );
+    assert_eq!(
+        detail(&key.sign(&json!({"exp": "soon"}))),
+        "exp is not a number"
+    );
+    assert_eq!(
+        detail("garbage"),
+        "not a JWT (three dot-separated segments)"
+    );
+    assert_eq!(detail("a.b.c"), "header is not JSON");
+    let unsigned = format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(b"{}"));
+    assert_eq!(detail(&unsigned), "alg none is not allowed");
+    let bad_payload = format!("{}.{}.c2ln", b64(br#"{"alg":"RS256"}"#), b64(b"[1]"));
+    assert_eq!(detail(&bad_payload), "payload is not JSON");
+    assert_eq!(
+        prevalidate(&"a".repeat(20_000), leeway).unwrap_err().reason,
+        DenyReason::InvalidToken
+    );
+}
