@@ -143,7 +143,11 @@ impl Authorizer {
             return denied(source, Some(review.identity), denial);
         }
         let admission = match &self.limiter {
-            Some(limiter) => limiter.admit(&review.identity.service_account).await,
+            Some(limiter) => {
+                limiter
+                    .admit(cluster.name(), &review.identity.service_account)
+                    .await
+            }
             None => Admission::Allowed { near_limit: false },
         };
         let near_limit = match admission {

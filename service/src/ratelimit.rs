@@ -1,4 +1,5 @@
-//! Per-identity rate limiting: a token bucket per service account, kept in a bounded map
+//! Per-identity rate limiting: a token bucket per workload cluster and service account
+//! (cluster B's `ns/x` is not cluster A's), kept in a bounded map
 //! whose idle buckets expire (a bucket idle for `burst / rate` seconds is full again, so
 //! forgetting it changes nothing).
 
@@ -56,7 +57,7 @@ fn take(bucket: &mut Bucket, rate: f64, burst: f64, now: Instant) -> Admission {
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: moka::future::Cache<ServiceAccountRef, Arc<Mutex<Bucket>>>,
+    buckets: moka::future::Cache<(Arc<str>, ServiceAccountRef), Arc<Mutex<Bucket>>>,
 }
 
 impl RateLimiter {
@@ -74,13 +75,13 @@ impl RateLimiter {
         }
     }
 
-    /// Admits or throttles one check of `identity`.
-    pub async fn admit(&self, identity: &ServiceAccountRef) -> Admission {
+    /// Admits or throttles one check of `identity` from workload cluster `cluster`.
+    pub async fn admit(&self, cluster: &Arc<str>, identity: &ServiceAccountRef) -> Admission {
         let now = Instant::now();
         let burst = self.burst;
         let bucket = self
             .buckets
-            .get_with_by_ref(identity, async move {
+            .get_with((cluster.clone(), identity.clone()), async move {
                 Arc::new(Mutex::new(Bucket {
                     tokens: burst,
                     updated: now,
@@ -142,12 +143,18 @@ mod tests {
         let limiter = RateLimiter::new(0.001, 1);
         let a = ServiceAccountRef::new("ns", "a").unwrap();
         let b = ServiceAccountRef::new("ns", "b").unwrap();
+        let (east, west): (Arc<str>, Arc<str>) = ("east".into(), "west".into());
         let allowed = Admission::Allowed { near_limit: true };
-        assert_eq!(limiter.admit(&a).await, allowed);
+        assert_eq!(limiter.admit(&east, &a).await, allowed);
         assert!(matches!(
-            limiter.admit(&a).await,
+            limiter.admit(&east, &a).await,
             Admission::Throttled { .. }
         ));
-        assert_eq!(limiter.admit(&b).await, allowed);
+        assert_eq!(limiter.admit(&east, &b).await, allowed);
+        assert_eq!(
+            limiter.admit(&west, &a).await,
+            allowed,
+            "the same name in another cluster is another identity"
+        );
     }
 }

@@ -35,6 +35,9 @@ pub struct Header {
     pub kid: Option<String>,
 }
 
+/// The `iss` of legacy secret-based service-account tokens.
+const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+
 fn invalid(detail: impl Into<String>) -> Denial {
     Denial {
         reason: DenyReason::InvalidToken,
@@ -247,6 +250,12 @@ pub fn identity(claims: &Value, leeway: Duration, now: i64) -> Result<Review, De
     let exp = claims.get("exp").and_then(seconds);
     if nested.is_some() && exp.is_none() {
         return Err(invalid("exp missing on a projected token"));
+    }
+    // Only legacy secret-based tokens (that issuer, flat claims) live without an expiry.
+    if exp.is_none() && claims.get("iss").and_then(Value::as_str) != Some(LEGACY_ISSUER) {
+        return Err(invalid(
+            "exp missing (only legacy kubernetes/serviceaccount tokens may lack it)",
+        ));
     }
     let leeway = leeway.as_secs() as i64;
     if claims

@@ -56,7 +56,7 @@ fn projected(namespace: &str, name: &str) -> Value {
 
 fn legacy(namespace: &str, name: &str) -> Value {
     json!({
-        "iss": ISSUER,
+        "iss": "kubernetes/serviceaccount",
         "sub": format!("system:serviceaccount:{namespace}:{name}"),
         "kubernetes.io/serviceaccount/namespace": namespace,
         "kubernetes.io/serviceaccount/secret.name": format!("{name}-token-abcde"),
@@ -89,9 +89,18 @@ impl Signer {
 
 /// Runs the whole check as `JwksValidator` does: header, selection, verify.
 fn check(keys: &KeySet, token: &str, audiences: &[String]) -> Result<Review, Denial> {
+    check_as(keys, token, audiences, ISSUER)
+}
+
+fn check_as(
+    keys: &KeySet,
+    token: &str,
+    audiences: &[String],
+    issuer: &str,
+) -> Result<Review, Denial> {
     let header = header(token)?;
     let expect = Expectations {
-        issuer: ISSUER,
+        issuer,
         audiences,
         leeway: Duration::from_secs(30),
     };
@@ -154,11 +163,24 @@ fn a_ps256_token_verifies_with_an_rsa_key_that_names_no_alg() {
 #[test]
 fn a_legacy_secret_token_with_flat_claims_and_no_exp_is_accepted() {
     let key = rsa();
-    let review = check(&key.keys(), &key.sign(&legacy("ci", "deployer")), &[]).unwrap();
+    let token = key.sign(&legacy("ci", "deployer"));
+    let review = check_as(&key.keys(), &token, &[], "kubernetes/serviceaccount").unwrap();
     let sa = &review.identity.service_account;
     assert_eq!((sa.namespace(), sa.name()), ("ci", "deployer"));
     assert_eq!(review.identity.uid, "u-legacy");
     assert_eq!(review.expires_at, None);
+}
+
+#[test]
+fn flat_claims_without_exp_under_any_other_issuer_are_refused() {
+    let key = rsa();
+    let mut claims = legacy("ci", "deployer");
+    claims["iss"] = json!(ISSUER);
+    let denial = check(&key.keys(), &key.sign(&claims), &[]).unwrap_err();
+    assert_eq!(
+        denial.detail.as_deref(),
+        Some("exp missing (only legacy kubernetes/serviceaccount tokens may lack it)")
+    );
 }
 
 #[test]
