@@ -48,6 +48,24 @@ pub struct AuthzArgs {
     /// together with --clusters-config.
     #[arg(long, env = "TOKENSMITH_WORKLOAD_KUBECONFIG", default_value = "")]
     pub workload_kubeconfig: String,
+    /// Audience the workload tokens must carry (repeatable or comma-separated): sent as
+    /// TokenReview spec.audiences and checked in its answer. None means the workload API
+    /// server's own audiences (any pod's default token). With --workload-kubeconfig only.
+    #[arg(
+        long = "workload-audiences",
+        env = "TOKENSMITH_WORKLOAD_AUDIENCES",
+        value_delimiter = ','
+    )]
+    pub workload_audiences: Vec<String>,
+    /// Namespaces that may be mapped (globs: *, ?; repeatable or comma-separated); none
+    /// means all but the protected ones, which only a literal entry opens. With
+    /// --workload-kubeconfig only.
+    #[arg(
+        long = "allow-namespaces",
+        env = "TOKENSMITH_ALLOW_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub allow_namespaces: Vec<String>,
     /// YAML file of workload clusters (JWKS or TokenReview each, with namespace policy),
     /// reloaded when it changes; replaces --workload-kubeconfig. Empty means none.
     #[arg(long, env = "TOKENSMITH_CLUSTERS_CONFIG", default_value = "")]

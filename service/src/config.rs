@@ -6,7 +6,7 @@ use crate::{
     Error,
     cli::AuthzArgs,
     cluster::{ClusterSource, KubeSettings},
-    clusters::{self, ClustersConfig},
+    clusters::{self, ClustersConfig, namespaces::Glob},
     exchange::MIN_TOKEN_LIFETIME,
     tls::TlsFiles,
 };
@@ -21,7 +21,14 @@ pub const DEFAULT_COMPANION_NAMESPACE: &str = "tokensmith-system";
 #[derive(Debug, Clone)]
 pub enum WorkloadsSource {
     /// `--workload-kubeconfig`: one cluster, TokenReview for every token.
-    Kubeconfig(ClusterSource),
+    Kubeconfig {
+        /// Where the cluster is.
+        source: ClusterSource,
+        /// `--workload-audiences`.
+        audiences: Vec<String>,
+        /// `--allow-namespaces`.
+        allow_namespaces: Vec<Glob>,
+    },
     /// `--clusters-config`: the validated file, reloaded while serving.
     File {
         /// The file.
@@ -157,7 +164,40 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
         };
         let companion_namespace = companion_namespace(&args.companion_namespace);
         let workloads = if args.clusters_config.is_empty() {
-            WorkloadsSource::Kubeconfig(ClusterSource::from_flag(&args.workload_kubeconfig))
+            let allow_namespaces = args
+                .allow_namespaces
+                .iter()
+                .map(|p| Glob::new(p))
+                .collect::<Result<_, _>>()
+                .map_err(|problem| Error::Config {
+                    flag: "--allow-namespaces",
+                    problem,
+                })?;
+            if let Some(bad) = args.workload_audiences.iter().find(|a| a.trim().is_empty()) {
+                return Err(Error::Config {
+                    flag: "--workload-audiences",
+                    problem: format!("{bad:?} is not an audience"),
+                });
+            }
+            WorkloadsSource::Kubeconfig {
+                source: ClusterSource::from_flag(&args.workload_kubeconfig),
+                audiences: args.workload_audiences,
+                allow_namespaces,
+            }
+        } else if let Some(flag) = [
+            (!args.workload_audiences.is_empty()).then_some("--workload-audiences"),
+            (!args.allow_namespaces.is_empty()).then_some("--allow-namespaces"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            return Err(Error::Config {
+                flag,
+                problem: "applies to --workload-kubeconfig only; with --clusters-config set \
+                          `audiences` and `namespaces.allow` on the cluster in the file"
+                    .to_owned(),
+            });
         } else if !args.workload_kubeconfig.is_empty() {
             return Err(Error::Config {
                 flag: "--workload-kubeconfig",
@@ -221,12 +261,51 @@ mod tests {
     }
 
     #[test]
+    fn workload_audiences_and_allowed_namespaces_are_validated_and_single_mode_only() {
+        let c = config(&[
+            "--workload-audiences",
+            "tokensmith,other",
+            "--allow-namespaces",
+            "team-*",
+        ])
+        .unwrap();
+        let WorkloadsSource::Kubeconfig {
+            audiences,
+            allow_namespaces,
+            ..
+        } = c.workloads
+        else {
+            panic!("single mode")
+        };
+        assert_eq!(audiences, ["tokensmith", "other"]);
+        assert_eq!(allow_namespaces.len(), 1);
+        let e = config(&["--allow-namespaces", "Team"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--allow-namespaces") && e.contains("not a namespace pattern"),
+            "{e}"
+        );
+        let e = config(&["--workload-audiences", " "])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--workload-audiences"), "{e}");
+        let e = config(&["--clusters-config", "/x.yaml", "--workload-audiences", "a"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("applies to --workload-kubeconfig only"), "{e}");
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = config(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:9001");
         assert!(matches!(
             c.workloads,
-            WorkloadsSource::Kubeconfig(ClusterSource::InCluster)
+            WorkloadsSource::Kubeconfig {
+                source: ClusterSource::InCluster,
+                ..
+            }
         ));
     }
 

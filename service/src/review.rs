@@ -165,6 +165,20 @@ impl Reviewer {
                 detail: status.error,
             });
         }
+        // An audience-aware API server names the audiences the token is good for; none of
+        // ours means the token is not for us (RFC 8693-style replay across services).
+        if !self.audiences.is_empty() {
+            let granted = status.audiences.unwrap_or_default();
+            if !granted.iter().any(|a| self.audiences.contains(a)) {
+                return Err(Denial {
+                    reason: DenyReason::InvalidToken,
+                    detail: Some(format!(
+                        "TokenReview granted audiences {granted:?}, none of {:?}",
+                        self.audiences
+                    )),
+                });
+            }
+        }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         let service_account = ServiceAccountRef::from_username(&username).map_err(|e| Denial {

@@ -45,8 +45,19 @@ pub struct Running {
 /// really down). With `--clusters-config`, the file is reloaded while serving.
 pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let workloads = match &config.workloads {
-        WorkloadsSource::Kubeconfig(source) => {
-            Workloads::single(source, config.kube, &config.companion_namespace).await?
+        WorkloadsSource::Kubeconfig {
+            source,
+            audiences,
+            allow_namespaces,
+        } => {
+            Workloads::single(
+                source,
+                audiences.clone(),
+                allow_namespaces.clone(),
+                config.kube,
+                &config.companion_namespace,
+            )
+            .await?
         }
         WorkloadsSource::File {
             path,
@@ -118,7 +129,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
             workloads,
             clusters,
         ))),
-        WorkloadsSource::Kubeconfig(_) => None,
+        WorkloadsSource::Kubeconfig { .. } => None,
     };
 
     let (shutdown, stop) = oneshot::channel::<()>();

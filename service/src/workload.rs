@@ -15,7 +15,10 @@ use crate::{
     Error,
     authz::{Denial, decision::DenyReason},
     cluster::{self, Cluster, ClusterSource, KubeSettings},
-    clusters::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method, namespaces::NamespacePolicy},
+    clusters::{
+        ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method,
+        namespaces::{Glob, NamespacePolicy},
+    },
     identity::WorkloadIdentity,
     jwks::{JwksValidator, KeySource, verify},
     review::{Review, Reviewer},
@@ -166,6 +169,8 @@ impl Workloads {
     /// account name, and opening those namespaces takes a clusters file that says so.
     pub async fn single(
         source: &ClusterSource,
+        audiences: Vec<String>,
+        allow_namespaces: Vec<Glob>,
         settings: KubeSettings,
         companion_namespace: &str,
     ) -> Result<Self, Error> {
@@ -173,16 +178,16 @@ impl Workloads {
         let only = Arc::new(WorkloadCluster {
             name: Arc::from(SINGLE_CLUSTER_NAME),
             issuer: String::new(),
-            audiences: Vec::new(),
+            audiences: audiences.clone(),
             leeway: DEFAULT_LEEWAY,
             namespaces: Some(NamespacePolicy::new(
-                Vec::new(),
+                allow_namespaces,
                 Vec::new(),
                 companion_namespace,
             )),
             validator: Validator::TokenReview(Box::new(Reviewer::new(
                 client,
-                Vec::new(),
+                audiences,
                 settings.validation_cache_ttl,
             ))),
             jwks_source: None,

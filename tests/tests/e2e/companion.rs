@@ -810,3 +810,87 @@ async fn junk_bearers_never_reach_token_review_and_a_real_check_passes_during_a_
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn workload_audiences_are_required_of_the_token_and_of_the_review() -> Result<()> {
+    let world = World::start(&["--workload-audiences", "tokensmith"]).await?;
+    // A pod's default token (the API server's audience) is not for us.
+    let default = world.workload_token(Duration::from_secs(3600));
+    assert_eq!(denied(&world.check_bearer(&default).await?)?.http, 401);
+    let review = world
+        .workload
+        .calls()
+        .into_iter()
+        .find(|c| c.endpoint == Endpoint::TokenReview)
+        .context("a TokenReview")?;
+    let spec = review.token_review.context("the review's spec")?;
+    assert_eq!(spec.audiences, ["tokensmith"], "asked for our audience");
+    // A projected token for our audience passes.
+    let ours = world
+        .workload
+        .mint(&world.workload_sa)
+        .audiences(vec!["tokensmith".into()])
+        .sign();
+    allowed_token(&world.check_bearer(&ours).await?)?;
+    // An API server that says yes without naming the audience is not audience-aware.
+    world.workload.inject(Fault::Body {
+        endpoint: Some(Endpoint::TokenReview),
+        code: 201,
+        body: serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "status": {"authenticated": true, "user": {
+                "username": "system:serviceaccount:app-prod:eso-sa", "uid": world.workload_sa.uid
+            }}
+        })
+        .to_string(),
+    });
+    let fresh = world
+        .workload
+        .mint(&world.workload_sa)
+        .audiences(vec!["tokensmith".into()])
+        .sign();
+    let d = assert_denied(
+        &world,
+        &world.check_bearer(&fresh).await?,
+        401,
+        16,
+        "invalid_token",
+    )
+    .await?;
+    assert_eq!(d.body, "invalid or expired token");
+    Ok(())
+}
+
+#[tokio::test]
+async fn allowed_namespaces_limit_the_mapping_in_single_mode() -> Result<()> {
+    let world = World::start(&["--allow-namespaces", "team-*,kube-system"]).await?;
+    // app-prod is not allowed.
+    let token = world.workload_token(Duration::from_secs(3600));
+    assert_denied(
+        &world,
+        &world.check_bearer(&token).await?,
+        403,
+        7,
+        "namespace_not_allowed",
+    )
+    .await?;
+    for ns in ["team-a", "kube-system"] {
+        let sa = world.workload.add_service_account(ns, "sa");
+        world.management.add_service_account(ns, "sa");
+        allowed_token(&world.check_bearer(&world.workload.mint(&sa).sign()).await?)
+            .with_context(|| format!("{ns} is allowed"))?;
+    }
+    // Protected namespaces stay refused unless named literally.
+    let sa = world.workload.add_service_account("istio-system", "sa");
+    world.management.add_service_account("istio-system", "sa");
+    let token = world.workload.mint(&sa).sign();
+    assert_denied(
+        &world,
+        &world.check_bearer(&token).await?,
+        403,
+        7,
+        "namespace_not_allowed",
+    )
+    .await?;
+    Ok(())
+}
