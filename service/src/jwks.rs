@@ -323,6 +323,13 @@ async fn fetch_once(inner: &Inner, loaded: &Notify) -> bool {
     let result = remote.fetcher.fetch().await;
     let ok = result.is_ok();
     let name = inner.name.as_str();
+    crate::metrics::global()
+        .jwks_fetches
+        .get_or_create(&crate::metrics::JwksFetchLabels {
+            cluster: name.to_owned(),
+            result: if ok { "ok" } else { "error" },
+        })
+        .inc();
     match result {
         Ok(set) => {
             let mut keys = inner.keys.write().unwrap_or_else(PoisonError::into_inner);

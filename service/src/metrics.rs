@@ -50,6 +50,15 @@ pub struct CacheLabels {
     pub cache: &'static str,
 }
 
+/// One JWKS (or discovery) fetch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksFetchLabels {
+    /// The workload cluster's configured name.
+    pub cluster: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms … ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -76,6 +85,8 @@ pub struct Metrics {
     pub cache_evictions: Family<CacheLabels, Counter>,
     /// `tokensmith_rate_limited_total`
     pub rate_limited: Counter,
+    /// `tokensmith_jwks_fetches_total`
+    pub jwks_fetches: Family<JwksFetchLabels, Counter>,
 }
 
 /// The process's metrics (one registry per process, as Prometheus expects).
@@ -108,6 +119,7 @@ impl Metrics {
             cache_misses: Family::default(),
             cache_evictions: Family::default(),
             rate_limited: Counter::default(),
+            jwks_fetches: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +158,11 @@ impl Metrics {
             "rate_limited",
             "Checks refused by the per-identity rate limit",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches (with discovery), by workload cluster and result",
+            m.jwks_fetches.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,6 +1,9 @@
 //! TokenReview against the workload cluster: is this token valid, and whose is it?
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -54,6 +57,8 @@ impl moka::Expiry<[u8; 32], Answer> for AnswerExpiry {
 /// Validates workload tokens with the workload cluster's TokenReview API.
 #[derive(Clone)]
 pub struct Reviewer {
+    /// The workload cluster's configured name, for metrics.
+    cluster: Arc<str>,
     client: kube::Client,
     api: Api<TokenReview>,
     audiences: Vec<String>,
@@ -82,7 +87,12 @@ impl Reviewer {
     /// go into the TokenReview, so the API server also checks `aud`; empty means the API
     /// server's own audiences.
     /// Answers are reused for `validation_ttl` (0: never).
-    pub fn new(client: kube::Client, audiences: Vec<String>, validation_ttl: Duration) -> Self {
+    pub fn new(
+        cluster: Arc<str>,
+        client: kube::Client,
+        audiences: Vec<String>,
+        validation_ttl: Duration,
+    ) -> Self {
         let cache = (!validation_ttl.is_zero()).then(|| {
             moka::future::Cache::builder()
                 .max_capacity(VALIDATION_CACHE_ENTRIES)
@@ -92,6 +102,7 @@ impl Reviewer {
                 .build()
         });
         Self {
+            cluster,
             api: Api::all(client.clone()),
             client,
             audiences,
@@ -148,7 +159,7 @@ impl Reviewer {
         };
         let response = self.api.create(&PostParams::default(), &request).await;
         metrics::global().kube_call(
-            "workload",
+            &self.cluster,
             "tokenreview",
             metrics::code_of(&response, "201"),
             started.elapsed(),

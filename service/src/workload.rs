@@ -186,6 +186,7 @@ impl Workloads {
                 companion_namespace,
             )),
             validator: Validator::TokenReview(Box::new(Reviewer::new(
+                Arc::from(SINGLE_CLUSTER_NAME),
                 client,
                 audiences,
                 settings.validation_cache_ttl,
@@ -295,6 +296,7 @@ async fn cluster(
                 .await
                 .map_err(|e| problem("tokenreview.kubeconfig", &e))?;
             let reviewer = Reviewer::new(
+                Arc::from(spec.name.as_str()),
                 client,
                 spec.audiences.clone(),
                 settings.validation_cache_ttl,

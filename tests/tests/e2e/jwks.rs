@@ -611,6 +611,12 @@ async fn jwks_and_tokenreview_clusters_mix_and_each_sees_only_its_own_tokens() -
     .await?;
     assert_eq!(line["workload_cluster"], "west");
     assert_eq!(scene.management.count(Endpoint::TokenRequest), 2);
+    // Metrics name each cluster: west's TokenReviews, east's JWKS fetches.
+    let text = crate::production::scrape(&companion).await?;
+    let series = r#"tokensmith_kube_requests_total{cluster="west",verb="tokenreview",code="201"}"#;
+    assert_eq!(crate::production::sample(&text, series), 2.0, "{text}");
+    let fetches = r#"tokensmith_jwks_fetches_total{cluster="east",result="ok"}"#;
+    assert!(crate::production::sample(&text, fetches) >= 1.0, "{text}");
     Ok(())
 }
 
@@ -1290,6 +1296,9 @@ async fn a_jwks_outage_during_a_rotation_is_503_for_new_keys_and_heals_within_se
     east.rotate_signing_key(2, true)?;
     let new_key_token = east.mint(&sa).sign();
     let line = refused(&companion, &new_key_token, 503, "unavailable").await?;
+    let text = crate::production::scrape(&companion).await?;
+    let failed = r#"tokensmith_jwks_fetches_total{cluster="east",result="error"}"#;
+    assert!(crate::production::sample(&text, failed) >= 1.0, "{text}");
     assert_eq!(line["cluster"], "workload", "{line}");
     refused(&companion, &new_key_token, 503, "unavailable").await?;
     allowed(&companion, &old_key_token, "east").await?;

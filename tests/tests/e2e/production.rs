@@ -14,7 +14,7 @@ use tokensmith_tests::{
 use crate::companion::{World, allowed_token, denied};
 
 /// The companion's `/metrics` text.
-async fn scrape(companion: &Companion) -> Result<String> {
+pub(crate) async fn scrape(companion: &Companion) -> Result<String> {
     let addr = companion.metrics_addr.context("metrics endpoint")?;
     let reply = http::get(addr, "/metrics", &[]).await?;
     ensure!(reply.status == 200, "/metrics answered {}", reply.status);
@@ -22,7 +22,7 @@ async fn scrape(companion: &Companion) -> Result<String> {
 }
 
 /// The value of one sample line in the exposition (0 when absent).
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
@@ -128,11 +128,16 @@ async fn token_reviews_are_cached_for_the_validation_ttl_only() -> Result<()> {
         2,
         "the TTL has passed"
     );
-    // A rejection is kept for at most a second.
-    world.check_bearer("garbage").await?;
-    world.check_bearer("garbage").await?;
+    // A rejection (of a well-formed token the API server does not accept: another
+    // cluster's) is kept for at most a second.
+    let stranger = tokensmith_tests::FakeCluster::start("stranger").await?;
+    let foreign = stranger
+        .mint(&stranger.add_service_account("app-prod", "eso-sa"))
+        .sign();
+    world.check_bearer(&foreign).await?;
+    world.check_bearer(&foreign).await?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    world.check_bearer("garbage").await?;
+    world.check_bearer(&foreign).await?;
     assert_eq!(world.workload.count(Endpoint::TokenReview), 4);
     Ok(())
 }
