@@ -34,6 +34,22 @@ impl Snapshot {
     fn others(&self) -> Vec<PathBuf> {
         self.files.iter().skip(1).map(|(p, _)| p.clone()).collect()
     }
+
+    fn main_file(&self) -> Option<&Option<Vec<u8>>> {
+        self.files.first().map(|(_, bytes)| bytes)
+    }
+}
+
+/// What counts as seen after a load: `after` (the file and the files the loaded version
+/// names, read just after loading it), unless the file changed between `before` (read
+/// just before loading) and `after` — then `before`, so the next poll loads the newer
+/// version instead of marking it seen unloaded.
+fn settle(before: Snapshot, after: Snapshot) -> Snapshot {
+    if before.main_file() == after.main_file() {
+        after
+    } else {
+        before
+    }
 }
 
 /// Polls `path` every [`POLL_INTERVAL`] and, when it or a file it names changed, loads
@@ -53,7 +69,7 @@ pub async fn watch(
         if now == seen {
             continue;
         }
-        seen = now;
+        seen = now.clone();
         let config = match load(&path, &own_namespace) {
             Ok(config) => config,
             Err(e) => {
@@ -66,7 +82,7 @@ pub async fn watch(
             }
         };
         // Track the files the new version names, as read for this load.
-        seen = Snapshot::take(&path, &config.files);
+        seen = settle(now, Snapshot::take(&path, &config.files));
         match workloads.replace(&config, &path).await {
             Ok(generation) => {
                 let names: Vec<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
@@ -89,6 +105,24 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_during_a_load_is_not_marked_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, ca) = (dir.path().join("clusters.yaml"), dir.path().join("ca.pem"));
+        std::fs::write(&config, "v1").unwrap();
+        std::fs::write(&ca, "1").unwrap();
+        let before = Snapshot::take(&config, &[]);
+        // Unchanged while loading: what the loaded version names is tracked.
+        let after = Snapshot::take(&config, std::slice::from_ref(&ca));
+        assert_eq!(settle(before.clone(), after.clone()), after);
+        // Changed while loading: `before` stays, so the next poll sees v2 as new.
+        std::fs::write(&config, "v2").unwrap();
+        let raced = Snapshot::take(&config, std::slice::from_ref(&ca));
+        let seen = settle(before.clone(), raced.clone());
+        assert_eq!(seen, before);
+        assert_ne!(seen, raced, "the next poll reloads");
+    }
 
     #[test]
     fn snapshots_differ_when_any_tracked_file_changes() {
