@@ -71,7 +71,8 @@ pub struct AuthzArgs {
     #[arg(long, env = "TOKENSMITH_CLUSTERS_CONFIG", default_value = "")]
     pub clusters_config: String,
     /// Namespace of the companion in the management cluster, protected from mapping
-    /// like kube-system; empty means the pod's own namespace, else tokensmith-system.
+    /// like kube-system; empty means the pod's own namespace when the management cluster
+    /// is the pod's own (no --management-kubeconfig), else tokensmith-system.
     #[arg(long, env = "TOKENSMITH_COMPANION_NAMESPACE", default_value = "")]
     pub companion_namespace: String,
     /// Kubeconfig of the management cluster (TokenRequest); empty means in-cluster.

@@ -162,7 +162,10 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 Some(files)
             }
         };
-        let companion_namespace = companion_namespace(&args.companion_namespace);
+        let companion_namespace = companion_namespace(
+            &args.companion_namespace,
+            args.management_kubeconfig.is_empty(),
+        );
         let workloads = if args.clusters_config.is_empty() {
             let allow_namespaces = args
                 .allow_namespaces
@@ -234,9 +237,14 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
 }
 
 /// `--companion-namespace`, else the pod's namespace, else [`DEFAULT_COMPANION_NAMESPACE`].
-fn companion_namespace(flag: &str) -> String {
+/// The pod's namespace counts only when the management cluster is the pod's own
+/// (`in_cluster`): with `--management-kubeconfig` it says nothing about that cluster.
+fn companion_namespace(flag: &str, in_cluster: bool) -> String {
     if !flag.is_empty() {
         return flag.to_owned();
+    }
+    if !in_cluster {
+        return DEFAULT_COMPANION_NAMESPACE.to_owned();
     }
     std::fs::read_to_string(POD_NAMESPACE_FILE)
         .ok()
@@ -294,6 +302,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("applies to --workload-kubeconfig only"), "{e}");
+    }
+
+    #[test]
+    fn the_pods_namespace_is_not_the_companions_in_another_management_cluster() {
+        assert_eq!(companion_namespace("ops", false), "ops");
+        assert_eq!(companion_namespace("", false), DEFAULT_COMPANION_NAMESPACE);
     }
 
     #[test]
