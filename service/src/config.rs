@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn the_companion_namespace_flag_wins() {
-        assert_eq!(companion_namespace("ops"), "ops");
+        assert_eq!(companion_namespace("ops", true), "ops");
         let c = config(&["--companion-namespace", "ops"]).unwrap();
         assert_eq!(c.companion_namespace, "ops");
     }
