@@ -126,6 +126,23 @@ pub struct AuthzArgs {
     /// Largest gRPC message accepted or sent.
     #[arg(long, env = "TOKENSMITH_GRPC_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub grpc_max_message_bytes: usize,
+    /// Most gRPC connections served at once; beyond it new ones wait to be accepted.
+    #[arg(long, env = "TOKENSMITH_GRPC_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub grpc_max_connections: usize,
+    /// Most HTTP/2 streams (Checks in flight) per connection.
+    #[arg(
+        long,
+        env = "TOKENSMITH_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256
+    )]
+    pub grpc_max_concurrent_streams: u32,
+    /// Most TLS handshakes in flight at once (each has 10 s to finish).
+    #[arg(long, env = "TOKENSMITH_TLS_MAX_HANDSHAKES", default_value_t = 64)]
+    pub tls_max_handshakes: usize,
+    /// HTTP/2 keepalive PING interval (0 turns it off); an unanswered PING closes the
+    /// connection after 10 s.
+    #[arg(long, env = "TOKENSMITH_GRPC_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    pub grpc_keepalive: Duration,
 }
 
 /// Flags of `tokensmith serve`.

@@ -8,6 +8,7 @@ use crate::{
     cluster::{ClusterSource, KubeSettings},
     clusters::{self, ClustersConfig, namespaces::Glob},
     exchange::MIN_TOKEN_LIFETIME,
+    listener::Limits,
     tls::TlsFiles,
 };
 
@@ -70,6 +71,12 @@ pub struct AuthzConfig {
     pub tls: Option<TlsFiles>,
     /// Largest gRPC message in either direction.
     pub grpc_max_message_bytes: usize,
+    /// Connections and handshakes at once.
+    pub listener: Limits,
+    /// HTTP/2 streams per connection.
+    pub grpc_max_concurrent_streams: u32,
+    /// HTTP/2 keepalive PING interval; zero: off.
+    pub grpc_keepalive: Duration,
     /// How long in-flight checks may take to finish on shutdown.
     pub drain_grace: Duration,
 }
@@ -78,6 +85,21 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
     type Error = Error;
 
     fn try_from(args: AuthzArgs) -> Result<Self, Error> {
+        for (flag, value) in [
+            ("--grpc-max-connections", args.grpc_max_connections),
+            ("--tls-max-handshakes", args.tls_max_handshakes),
+            (
+                "--grpc-max-concurrent-streams",
+                args.grpc_max_concurrent_streams as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(Error::Config {
+                    flag,
+                    problem: "must be at least 1".to_owned(),
+                });
+            }
+        }
         if args.token_expiration < MIN_TOKEN_LIFETIME {
             return Err(Error::Config {
                 flag: "--token-expiration",
@@ -231,6 +253,12 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
             metrics_addr: args.metrics_addr,
             tls,
             grpc_max_message_bytes: args.grpc_max_message_bytes,
+            listener: Limits {
+                max_connections: args.grpc_max_connections,
+                max_handshakes: args.tls_max_handshakes,
+            },
+            grpc_max_concurrent_streams: args.grpc_max_concurrent_streams,
+            grpc_keepalive: args.grpc_keepalive,
             drain_grace: DRAIN_GRACE,
         })
     }

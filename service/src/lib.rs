@@ -21,6 +21,7 @@ pub mod exchange;
 pub mod greet;
 pub mod identity;
 pub mod jwks;
+pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod ratelimit;

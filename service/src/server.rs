@@ -14,11 +14,14 @@ use crate::{
     clusters::reload,
     config::{AuthzConfig, WorkloadsSource},
     exchange::{Exchanger, cache::CachedExchanger},
-    metrics, ops,
+    listener, metrics, ops,
     ratelimit::RateLimiter,
     tls::{self, ReloadingTls},
     workload::Workloads,
 };
+
+/// How long an HTTP/2 keepalive PING may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC service name Envoy and the health checks use.
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -137,22 +140,28 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         let _ = stop.await;
     };
     let limit = config.grpc_max_message_bytes;
+    let keepalive = (!config.grpc_keepalive.is_zero()).then_some(config.grpc_keepalive);
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.grpc_max_concurrent_streams)
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive.map(|_| KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(
             AuthorizationServer::new(AuthzService::new(authorizer))
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         );
+    let limits = config.listener;
     let server = match tls {
-        // No Nagle: small gRPC frames would otherwise wait for delayed ACKs (~40 ms).
         None => tokio::spawn(router.serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            listener::incoming(listener, limits, |tcp| async move { Ok(tcp) }),
             stop,
         )),
         Some(tls) => {
             tokio::spawn(tls.clone().watch());
-            tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stop))
+            let incoming =
+                listener::incoming(listener, limits, move |tcp| tls::accept(tls.clone(), tcp));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
         }
     };
     let signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =

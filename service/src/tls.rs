@@ -18,12 +18,11 @@ use rustls::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
+    net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::Error;
 
@@ -186,40 +185,16 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
-/// Accepts on `listener` and hands out finished TLS connections. Handshakes run
-/// concurrently, each bounded in time, so a slow client cannot stall the accept loop.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ReloadingTls>,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if tx.is_closed() {
-                return;
-            }
-            // No Nagle: small gRPC frames would otherwise wait for delayed ACKs.
-            let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(tls.current());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(TlsConnection(stream))).await;
-                    }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+/// Finishes the TLS handshake of an accepted connection with the newest configuration,
+/// within [`HANDSHAKE_TIMEOUT`].
+pub async fn accept(tls: Arc<ReloadingTls>, tcp: TcpStream) -> io::Result<TlsConnection> {
+    let acceptor = TlsAcceptor::from(tls.current());
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Ok(TlsConnection(stream)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        )),
+    }
 }

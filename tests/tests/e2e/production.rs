@@ -307,3 +307,74 @@ async fn the_exchange_cache_works_through_envoy() -> Result<()> {
     assert_eq!(audit.iter().filter(|r| r["cache_hit"] == true).count(), 4);
     Ok(())
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() -> Result<()> {
+    // The harness's own channel is one of the two.
+    let world = World::start(&["--grpc-max-connections", "2"]).await?;
+    let addr = world.companion.addr;
+    let channel = |timeout: Duration| {
+        Ok::<_, anyhow::Error>(
+            tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                .timeout(timeout)
+                .connect_lazy(),
+        )
+    };
+    let check = |channel: tonic::transport::Channel| async move {
+        tokensmith_proto::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            channel,
+        )
+        .check(envoy_like_check(&[]))
+        .await
+    };
+    let second = channel(Duration::from_secs(5))?;
+    check(second.clone()).await?;
+    let third = channel(Duration::from_millis(800))?;
+    ensure!(
+        check(third.clone()).await.is_err(),
+        "a third connection was served"
+    );
+    drop(second);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while check(third.clone()).await.is_err() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting connection was never served"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sockets_that_never_say_hello_cannot_hold_more_than_the_handshake_limit() -> Result<()> {
+    let workload = FakeCluster::start("workload").await?;
+    let management = FakeCluster::start("management").await?;
+    let pki = TestPki::new()?;
+    let files = pki.write_server("only")?;
+    let args = [
+        "--tls-cert",
+        files.cert.to_str().context("path")?,
+        "--tls-key",
+        files.key.to_str().context("path")?,
+        "--tls-max-handshakes",
+        "1",
+    ];
+    let companion = Companion::start(workload.kubeconfig(), management.kubeconfig(), &args).await?;
+    assert_eq!(pki.served_name(companion.addr).await?, "only");
+    // A socket that says nothing holds the one handshake turn…
+    let idle = tokio::net::TcpStream::connect(companion.addr).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waited =
+        tokio::time::timeout(Duration::from_secs(1), pki.served_name(companion.addr)).await;
+    ensure!(
+        waited.is_err(),
+        "a second handshake ran beside the idle one"
+    );
+    // …until it goes away.
+    drop(idle);
+    let name = tokio::time::timeout(Duration::from_secs(3), pki.served_name(companion.addr))
+        .await
+        .context("handshake after the idle socket closed")??;
+    assert_eq!(name, "only");
+    Ok(())
+}
