@@ -109,6 +109,8 @@ pub struct KubeSettings {
     pub max_concurrency: usize,
     /// `--validation-cache-ttl`: how long a TokenReview answer is reused (0: never).
     pub validation_cache_ttl: Duration,
+    /// `--review-max-in-flight`: TokenReviews in flight per workload cluster.
+    pub review_max_in_flight: usize,
 }
 
 impl KubeSettings {
@@ -118,6 +120,7 @@ impl KubeSettings {
             timeout,
             max_concurrency: 32,
             validation_cache_ttl: Duration::from_secs(10),
+            review_max_in_flight: 16,
         }
     }
 }

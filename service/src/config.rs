@@ -88,6 +88,7 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
         for (flag, value) in [
             ("--grpc-max-connections", args.grpc_max_connections),
             ("--tls-max-handshakes", args.tls_max_handshakes),
+            ("--review-max-in-flight", args.review_max_in_flight),
             (
                 "--grpc-max-concurrent-streams",
                 args.grpc_max_concurrent_streams as usize,
@@ -247,6 +248,7 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 timeout: args.kube_timeout,
                 max_concurrency: args.kube_max_concurrency,
                 validation_cache_ttl: args.validation_cache_ttl,
+                review_max_in_flight: args.review_max_in_flight,
             },
             cache_max_entries: args.cache_max_entries,
             rate_limit: (args.rate_limit > 0.0).then_some((args.rate_limit, args.rate_limit_burst)),

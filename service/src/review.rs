@@ -64,6 +64,9 @@ pub struct Reviewer {
     audiences: Vec<String>,
     /// Keyed by SHA-256 of the token, never the token itself; `None` when the TTL is 0.
     cache: Option<moka::future::Cache<[u8; 32], Answer>>,
+    /// Turns for TokenReviews in flight: tokens not in the cache take one or get 429, so
+    /// a flood of unknown tokens cannot hold every API-server slot; cached ones need none.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 const VALIDATION: CacheLabels = CacheLabels {
@@ -87,11 +90,13 @@ impl Reviewer {
     /// go into the TokenReview, so the API server also checks `aud`; empty means the API
     /// server's own audiences.
     /// Answers are reused for `validation_ttl` (0: never).
+    /// At most `max_in_flight` TokenReviews run at once.
     pub fn new(
         cluster: Arc<str>,
         client: kube::Client,
         audiences: Vec<String>,
         validation_ttl: Duration,
+        max_in_flight: usize,
     ) -> Self {
         let cache = (!validation_ttl.is_zero()).then(|| {
             moka::future::Cache::builder()
@@ -103,6 +108,7 @@ impl Reviewer {
         });
         Self {
             cluster,
+            turns: Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))),
             api: Api::all(client.clone()),
             client,
             audiences,
@@ -137,6 +143,8 @@ impl Reviewer {
             .try_get_with(key, async {
                 match self.ask(token).await {
                     Ok(review) => Ok(Ok(review)),
+                    // Not our turn: no verdict, nothing to remember.
+                    Err(d) if matches!(d.reason, DenyReason::Throttled(_)) => Err(d),
                     // The cluster's own verdict on the token: remember it briefly.
                     Err(d) if !d.reason.is_dependency_failure() => Ok(Err(d)),
                     // We could not get a verdict: try again next time.
@@ -149,6 +157,13 @@ impl Reviewer {
     }
 
     async fn ask(&self, token: &BearerToken) -> Result<Review, Denial> {
+        let _turn = self.turns.try_acquire().map_err(|_| Denial {
+            reason: DenyReason::Throttled(1),
+            detail: Some(format!(
+                "--review-max-in-flight TokenReviews already in flight for cluster {:?}",
+                &*self.cluster
+            )),
+        })?;
         let started = std::time::Instant::now();
         let request = TokenReview {
             spec: TokenReviewSpec {

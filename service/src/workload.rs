@@ -190,6 +190,7 @@ impl Workloads {
                 client,
                 audiences,
                 settings.validation_cache_ttl,
+                settings.review_max_in_flight,
             ))),
             jwks_source: None,
         });
@@ -300,6 +301,7 @@ async fn cluster(
                 client,
                 spec.audiences.clone(),
                 settings.validation_cache_ttl,
+                settings.review_max_in_flight,
             );
             (
                 Validator::TokenReview(Box::new(reviewer)),

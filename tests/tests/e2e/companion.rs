@@ -894,3 +894,56 @@ async fn allowed_namespaces_limit_the_mapping_in_single_mode() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn well_formed_unknown_tokens_get_few_review_turns_and_cached_identities_pass() -> Result<()>
+{
+    const FLOOD: usize = 100;
+    let world = World::start(&["--review-max-in-flight", "4"]).await?;
+    let good = world.workload_token(Duration::from_secs(3600));
+    allowed_token(&world.check_bearer(&good).await?)?; // now in the validation cache
+    world.workload.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenReview),
+        delay: Duration::from_millis(400),
+    });
+    // Well-formed, unexpired, but signed by a cluster nobody trusts: each needs a review.
+    let stranger = FakeCluster::start("stranger").await?;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..FLOOD {
+        let sa = stranger.add_service_account("app-prod", &format!("sa-{i}"));
+        let header = format!("Bearer {}", stranger.mint(&sa).sign());
+        let mut client = world.companion.client();
+        flood.spawn(async move {
+            let request =
+                tokensmith_tests::companion::envoy_like_check(&[("authorization", &header)]);
+            client.check(request).await.map(|r| r.into_inner())
+        });
+    }
+    // The cached identity needs no turn: it passes at once during the flood.
+    let started = std::time::Instant::now();
+    allowed_token(&world.check_bearer(&good).await?)?;
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut statuses = std::collections::BTreeMap::<i32, usize>::new();
+    while let Some(answer) = flood.join_next().await {
+        let d = denied(&answer??)?;
+        if d.http == 429 {
+            assert!(d.headers.contains(&("retry-after".into(), "1".into())));
+        }
+        *statuses.entry(d.http).or_default() += 1;
+    }
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        [401, 429],
+        "{statuses:?}"
+    );
+    let reviews = world.workload.count(Endpoint::TokenReview);
+    assert!(
+        reviews <= 1 + 8,
+        "{reviews} TokenReviews for a flood of {FLOOD}"
+    );
+    Ok(())
+}
