@@ -48,6 +48,10 @@ pub struct AuthzArgs {
     /// together with --clusters-config.
     #[arg(long, env = "TOKENSMITH_WORKLOAD_KUBECONFIG", default_value = "")]
     pub workload_kubeconfig: String,
+    /// Issuer (`iss`) of the workload cluster's tokens: any other is refused before a
+    /// TokenReview. Empty: not checked. With --workload-kubeconfig only.
+    #[arg(long, env = "TOKENSMITH_WORKLOAD_ISSUER", default_value = "")]
+    pub workload_issuer: String,
     /// Audience the workload tokens must carry (repeatable or comma-separated): sent as
     /// TokenReview spec.audiences and checked in its answer. None means the workload API
     /// server's own audiences (any pod's default token). With --workload-kubeconfig only.

@@ -22,14 +22,7 @@ pub const DEFAULT_COMPANION_NAMESPACE: &str = "tokensmith-system";
 #[derive(Debug, Clone)]
 pub enum WorkloadsSource {
     /// `--workload-kubeconfig`: one cluster, TokenReview for every token.
-    Kubeconfig {
-        /// Where the cluster is.
-        source: ClusterSource,
-        /// `--workload-audiences`.
-        audiences: Vec<String>,
-        /// `--allow-namespaces`.
-        allow_namespaces: Vec<Glob>,
-    },
+    Kubeconfig(SingleCluster),
     /// `--clusters-config`: the validated file, reloaded while serving.
     File {
         /// The file.
@@ -79,6 +72,20 @@ pub struct AuthzConfig {
     pub grpc_keepalive: Duration,
     /// How long in-flight checks may take to finish on shutdown.
     pub drain_grace: Duration,
+}
+
+/// The one workload cluster of `--workload-kubeconfig` and what its flags say of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SingleCluster {
+    /// Where the cluster is.
+    pub source: ClusterSource,
+    /// `--workload-issuer`: tokens of any other `iss` are refused before a TokenReview;
+    /// empty: not checked.
+    pub issuer: String,
+    /// `--workload-audiences`.
+    pub audiences: Vec<String>,
+    /// `--allow-namespaces`.
+    pub allow_namespaces: Vec<Glob>,
 }
 
 impl TryFrom<AuthzArgs> for AuthzConfig {
@@ -205,12 +212,14 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                     problem: format!("{bad:?} is not an audience"),
                 });
             }
-            WorkloadsSource::Kubeconfig {
+            WorkloadsSource::Kubeconfig(SingleCluster {
                 source: ClusterSource::from_flag(&args.workload_kubeconfig),
+                issuer: args.workload_issuer,
                 audiences: args.workload_audiences,
                 allow_namespaces,
-            }
+            })
         } else if let Some(flag) = [
+            (!args.workload_issuer.is_empty()).then_some("--workload-issuer"),
             (!args.workload_audiences.is_empty()).then_some("--workload-audiences"),
             (!args.allow_namespaces.is_empty()).then_some("--allow-namespaces"),
         ]
@@ -307,11 +316,11 @@ mod tests {
             "team-*",
         ])
         .unwrap();
-        let WorkloadsSource::Kubeconfig {
+        let WorkloadsSource::Kubeconfig(SingleCluster {
             audiences,
             allow_namespaces,
             ..
-        } = c.workloads
+        }) = c.workloads
         else {
             panic!("single mode")
         };
@@ -346,10 +355,10 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:9001");
         assert!(matches!(
             c.workloads,
-            WorkloadsSource::Kubeconfig {
+            WorkloadsSource::Kubeconfig(SingleCluster {
                 source: ClusterSource::InCluster,
                 ..
-            }
+            })
         ));
     }
 

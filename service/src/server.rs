@@ -48,19 +48,8 @@ pub struct Running {
 /// really down). With `--clusters-config`, the file is reloaded while serving.
 pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let workloads = match &config.workloads {
-        WorkloadsSource::Kubeconfig {
-            source,
-            audiences,
-            allow_namespaces,
-        } => {
-            Workloads::single(
-                source,
-                audiences.clone(),
-                allow_namespaces.clone(),
-                config.kube,
-                &config.companion_namespace,
-            )
-            .await?
+        WorkloadsSource::Kubeconfig(single) => {
+            Workloads::single(single, config.kube, &config.companion_namespace).await?
         }
         WorkloadsSource::File {
             path,
@@ -132,7 +121,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
             workloads,
             clusters,
         ))),
-        WorkloadsSource::Kubeconfig { .. } => None,
+        WorkloadsSource::Kubeconfig(_) => None,
     };
 
     let (shutdown, stop) = oneshot::channel::<()>();

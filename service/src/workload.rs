@@ -15,10 +15,8 @@ use crate::{
     Error,
     authz::{Denial, decision::DenyReason},
     cluster::{self, Cluster, ClusterSource, KubeSettings},
-    clusters::{
-        ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method,
-        namespaces::{Glob, NamespacePolicy},
-    },
+    clusters::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method, namespaces::NamespacePolicy},
+    config::SingleCluster,
     identity::WorkloadIdentity,
     jwks::{JwksValidator, KeySource, verify},
     review::{Review, Reviewer},
@@ -121,15 +119,21 @@ impl WorkloadSet {
     /// The cluster `token` belongs to, by its unverified `iss` (checked again, with the
     /// signature, by JWKS validation). With `--workload-kubeconfig` alone, that cluster.
     pub fn select(&self, token: &BearerToken) -> Result<Arc<WorkloadCluster>, Denial> {
-        if self.single
-            && let Some(only) = self.clusters.first()
-        {
-            return Ok(only.clone());
-        }
         let unknown = |detail: String| Denial {
             reason: DenyReason::UnknownIssuer,
             detail: Some(detail),
         };
+        if self.single
+            && let Some(only) = self.clusters.first()
+        {
+            // With --workload-issuer, another issuer's token costs no TokenReview.
+            if !only.issuer.is_empty()
+                && verify::unverified_issuer(token.expose()).as_deref() != Some(&only.issuer)
+            {
+                return Err(unknown("iss is not --workload-issuer".to_owned()));
+            }
+            return Ok(only.clone());
+        }
         let issuer = verify::unverified_issuer(token.expose())
             .ok_or_else(|| unknown("no iss claim (not a JWT?)".to_owned()))?;
         self.by_issuer.get(&issuer).cloned().ok_or_else(|| {
@@ -168,27 +172,25 @@ impl Workloads {
     /// companion's own are refused): a workload-cluster admin can create any service
     /// account name, and opening those namespaces takes a clusters file that says so.
     pub async fn single(
-        source: &ClusterSource,
-        audiences: Vec<String>,
-        allow_namespaces: Vec<Glob>,
+        single: &SingleCluster,
         settings: KubeSettings,
         companion_namespace: &str,
     ) -> Result<Self, Error> {
-        let client = cluster::client(Cluster::Workload, source, &settings).await?;
+        let client = cluster::client(Cluster::Workload, &single.source, &settings).await?;
         let only = Arc::new(WorkloadCluster {
             name: Arc::from(SINGLE_CLUSTER_NAME),
-            issuer: String::new(),
-            audiences: audiences.clone(),
+            issuer: single.issuer.clone(),
+            audiences: single.audiences.clone(),
             leeway: DEFAULT_LEEWAY,
             namespaces: Some(NamespacePolicy::new(
-                allow_namespaces,
+                single.allow_namespaces.clone(),
                 Vec::new(),
                 companion_namespace,
             )),
             validator: Validator::TokenReview(Box::new(Reviewer::new(
                 Arc::from(SINGLE_CLUSTER_NAME),
                 client,
-                audiences,
+                single.audiences.clone(),
                 settings.validation_cache_ttl,
                 settings.review_max_in_flight,
             ))),

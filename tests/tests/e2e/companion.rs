@@ -947,3 +947,23 @@ async fn well_formed_unknown_tokens_get_few_review_turns_and_cached_identities_p
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn with_a_workload_issuer_other_issuers_are_refused_before_any_review() -> Result<()> {
+    let world = World::start(&["--workload-issuer", "https://someone-else.example"]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    assert_denied(
+        &world,
+        &world.check_bearer(&token).await?,
+        401,
+        16,
+        "unknown_issuer",
+    )
+    .await?;
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 0);
+    let issuer = world.workload.issuer();
+    let world = World::start(&["--workload-issuer", &issuer]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    allowed_token(&world.check_bearer(&token).await?)?;
+    Ok(())
+}
