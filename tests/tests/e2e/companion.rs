@@ -962,7 +962,7 @@ async fn with_a_workload_issuer_other_issuers_are_refused_before_any_review() ->
     .await?;
     assert_eq!(world.workload.count(Endpoint::TokenReview), 0);
     let issuer = world.workload.issuer();
-    let world = World::start(&["--workload-issuer", issuer.as_str()]).await?;
+    let world = World::start(&["--workload-issuer", issuer]).await?;
     let token = world.workload_token(Duration::from_secs(3600));
     allowed_token(&world.check_bearer(&token).await?)?;
     Ok(())
