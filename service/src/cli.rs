@@ -110,7 +110,8 @@ pub struct AuthzArgs {
     #[arg(long, env = "TOKENSMITH_VALIDATION_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub validation_cache_ttl: Duration,
     /// TokenReviews in flight per workload cluster, for tokens not in the validation
-    /// cache; past it 429 at once, so unknown tokens cannot take every API-server slot.
+    /// cache; a check that finds none free within 0.5 s gets 429, so unknown tokens
+    /// cannot take every API-server slot.
     #[arg(long, env = "TOKENSMITH_REVIEW_MAX_IN_FLIGHT", default_value_t = 16)]
     pub review_max_in_flight: usize,
     /// Checks per second allowed per service account (0 = no limit); past it, 429.

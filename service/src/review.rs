@@ -22,6 +22,8 @@ use crate::{
 
 /// Most tokens whose review is remembered at once.
 const VALIDATION_CACHE_ENTRIES: u64 = 100_000;
+/// How long a TokenReview may wait for a turn before its check is answered 429.
+const TURN_WAIT: Duration = Duration::from_millis(500);
 /// How long a rejection is remembered: enough to absorb a retry storm, short enough
 /// that a token that starts working (clock skew, new SA) is not refused for long.
 const REJECTION_TTL: Duration = Duration::from_secs(1);
@@ -64,8 +66,9 @@ pub struct Reviewer {
     audiences: Vec<String>,
     /// Keyed by SHA-256 of the token, never the token itself; `None` when the TTL is 0.
     cache: Option<moka::future::Cache<[u8; 32], Answer>>,
-    /// Turns for TokenReviews in flight: tokens not in the cache take one or get 429, so
-    /// a flood of unknown tokens cannot hold every API-server slot; cached ones need none.
+    /// Turns for TokenReviews in flight: tokens not in the cache wait briefly for one or
+    /// get 429, so a flood of unknown tokens cannot hold every API-server slot; cached
+    /// ones need none.
     turns: Arc<tokio::sync::Semaphore>,
 }
 
@@ -157,13 +160,18 @@ impl Reviewer {
     }
 
     async fn ask(&self, token: &BearerToken) -> Result<Review, Denial> {
-        let _turn = self.turns.try_acquire().map_err(|_| Denial {
-            reason: DenyReason::Throttled(1),
-            detail: Some(format!(
-                "--review-max-in-flight TokenReviews already in flight for cluster {:?}",
-                &*self.cluster
-            )),
-        })?;
+        // A short wait absorbs ordinary bursts; past it the caller hears 429 at once
+        // instead of queueing behind a flood until its deadline.
+        let turn = tokio::time::timeout(TURN_WAIT, self.turns.acquire()).await;
+        let Ok(Ok(_turn)) = turn else {
+            return Err(Denial {
+                reason: DenyReason::Throttled(1),
+                detail: Some(format!(
+                    "--review-max-in-flight TokenReviews in flight for cluster {:?} for {TURN_WAIT:?}",
+                    &*self.cluster
+                )),
+            });
+        };
         let started = std::time::Instant::now();
         let request = TokenReview {
             spec: TokenReviewSpec {
