@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::{
     cluster::Cluster,
+    consent::Consent,
     deadline,
     exchange::{
         bounded_lifetime,
@@ -86,6 +87,7 @@ pub struct Authorizer {
     workloads: Workloads,
     exchanger: CachedExchanger,
     limiter: Option<Arc<RateLimiter>>,
+    consent: Option<Consent>,
     token_expiration: Duration,
     kube_timeout: Duration,
     reuse: Duration,
@@ -107,10 +109,17 @@ impl Authorizer {
             workloads,
             exchanger,
             limiter: limiter.map(Arc::new),
+            consent: None,
             token_expiration,
             kube_timeout,
             reuse,
         }
+    }
+
+    /// Mints only for the service accounts `consent` lists (`--require-sa-label`).
+    pub fn with_consent(mut self, consent: Consent) -> Self {
+        self.consent = Some(consent);
+        self
     }
 
     /// Validates the bearer token in `authorization` with the workload cluster it belongs
@@ -140,6 +149,14 @@ impl Authorizer {
                 Err(_) => return denied(source, None, out_of_time(Cluster::Workload, budget)),
             };
         if let Err(denial) = cluster.admit(&review.identity) {
+            return denied(source, Some(review.identity), denial);
+        }
+        // Before the exchange cache too: removing the label stops cached tokens at once.
+        if let Some(Err(denial)) = self
+            .consent
+            .as_ref()
+            .map(|c| c.check(&review.identity.service_account))
+        {
             return denied(source, Some(review.identity), denial);
         }
         let admission = match &self.limiter {

@@ -82,6 +82,11 @@ pub struct AuthzArgs {
     /// Kubeconfig of the management cluster (TokenRequest); empty means in-cluster.
     #[arg(long, env = "TOKENSMITH_MANAGEMENT_KUBECONFIG", default_value = "")]
     pub management_kubeconfig: String,
+    /// Mint tokens only for management service accounts carrying this label (KEY=VALUE,
+    /// e.g. tokensmith.io/exchange=true); others get 403. Watched (needs list and watch on
+    /// serviceaccounts). Empty: no label required.
+    #[arg(long, env = "TOKENSMITH_REQUIRE_SA_LABEL", default_value = "")]
+    pub require_sa_label: String,
     /// Longest lifetime of an exchanged token (seconds, or with a unit: 90m, 1h); also
     /// capped by the workload token's remaining life, never below 600 s.
     #[arg(long, env = "TOKENSMITH_TOKEN_EXPIRATION", default_value = "3600", value_parser = parse_duration)]

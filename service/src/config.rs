@@ -7,6 +7,7 @@ use crate::{
     cli::AuthzArgs,
     cluster::{ClusterSource, KubeSettings},
     clusters::{self, ClustersConfig, namespaces::Glob},
+    consent::{LabelError, LabelRequirement},
     exchange::MIN_TOKEN_LIFETIME,
     listener::Limits,
     tls::TlsFiles,
@@ -46,6 +47,8 @@ pub struct AuthzConfig {
     pub companion_namespace: String,
     /// Where TokenRequests go.
     pub management: ClusterSource,
+    /// `--require-sa-label`: the label a management service account must carry.
+    pub require_sa_label: Option<LabelRequirement>,
     /// Longest lifetime requested for an exchanged token.
     pub token_expiration: Duration,
     /// Audiences of exchanged tokens; empty means the API server's default.
@@ -245,8 +248,16 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
             let config = clusters::load(&path, &companion_namespace)?;
             WorkloadsSource::File { path, config }
         };
+        let require_sa_label = match args.require_sa_label.as_str() {
+            "" => None,
+            text => Some(text.parse().map_err(|e: LabelError| Error::Config {
+                flag: "--require-sa-label",
+                problem: e.to_string(),
+            })?),
+        };
         Ok(AuthzConfig {
             listen: SocketAddr::new(args.addr, args.port),
+            require_sa_label,
             workloads,
             companion_namespace,
             management: ClusterSource::from_flag(&args.management_kubeconfig),
@@ -341,6 +352,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("applies to --workload-kubeconfig only"), "{e}");
+    }
+
+    #[test]
+    fn the_required_label_is_parsed_or_named_in_the_error() {
+        let c = config(&["--require-sa-label", "tokensmith.io/exchange=true"]).unwrap();
+        assert_eq!(
+            c.require_sa_label.map(|l| l.to_string()).as_deref(),
+            Some("tokensmith.io/exchange=true")
+        );
+        assert_eq!(config(&[]).unwrap().require_sa_label, None);
+        let e = config(&["--require-sa-label", "tokensmith.io/exchange"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--require-sa-label") && e.contains("not KEY=VALUE"),
+            "{e}"
+        );
     }
 
     #[test]

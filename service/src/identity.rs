@@ -83,7 +83,7 @@ fn is_dns1123_label(s: &str) -> bool {
 }
 
 /// RFC 1123 subdomain as Kubernetes validates object names: at most 253 bytes of labels joined by dots.
-fn is_dns1123_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
     // Subdomain labels may be up to 63 bytes; the overall limit is what binds.
     s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }

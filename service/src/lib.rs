@@ -5,8 +5,8 @@
 //! A request flows `authz` (gRPC glue) → `authz::bearer` (header) → `workload` (the
 //! cluster the token's issuer names, from `--workload-kubeconfig` or the `clusters` file)
 //! → `review` (TokenReview) or `jwks` (signature check) → the cluster's namespace policy
-//! → `exchange` (TokenRequest on the management cluster) → `authz::decision` (the
-//! CheckResponse Envoy applies).
+//! → `consent` (`--require-sa-label`) → `exchange` (TokenRequest on the management
+//! cluster) → `authz::decision` (the CheckResponse Envoy applies).
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cluster;
 pub mod clusters;
 pub mod config;
+pub mod consent;
 pub mod deadline;
 pub mod error;
 pub mod exchange;

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// `tokensmith_jwks_fetches_total`
     pub jwks_fetches: Family<JwksFetchLabels, Counter>,
+    /// `tokensmith_consented_service_accounts` (`--require-sa-label`)
+    pub consented_accounts: Gauge,
 }
 
 /// The process's metrics (one registry per process, as Prometheus expects).
@@ -120,6 +122,7 @@ impl Metrics {
             cache_evictions: Family::default(),
             rate_limited: Counter::default(),
             jwks_fetches: Family::default(),
+            consented_accounts: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -163,6 +166,11 @@ impl Metrics {
             "jwks_fetches",
             "JWKS fetches (with discovery), by workload cluster and result",
             m.jwks_fetches.clone(),
+        );
+        registry.register(
+            "consented_service_accounts",
+            "Management service accounts carrying the --require-sa-label label",
+            m.consented_accounts.clone(),
         );
         Metrics { registry, ..m }
     }

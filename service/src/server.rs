@@ -13,6 +13,7 @@ use crate::{
     cluster::{self, Cluster},
     clusters::reload,
     config::{AuthzConfig, WorkloadsSource},
+    consent::Consent,
     exchange::{Exchanger, cache::CachedExchanger},
     listener, metrics, ops,
     ratelimit::RateLimiter,
@@ -76,7 +77,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let limiter = config
         .rate_limit
         .map(|(rate, burst)| RateLimiter::new(rate, burst));
-    let authorizer = Authorizer::new(
+    let mut authorizer = Authorizer::new(
         workloads.clone(),
         exchanger,
         limiter,
@@ -84,6 +85,13 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         config.kube_timeout,
         config.kube.validation_cache_ttl,
     );
+    let consent = config
+        .require_sa_label
+        .clone()
+        .map(|label| Consent::watch(management.clone(), label));
+    if let Some(consent) = &consent {
+        authorizer = authorizer.with_consent(consent.clone());
+    }
     let tls = config.tls.clone().map(ReloadingTls::new).transpose()?;
 
     let listener = TcpListener::bind(config.listen)
@@ -107,6 +115,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         ops::serve(config.metrics_addr, metrics::global(), health.ready.clone()).await?;
     let startup = tokio::spawn(startup_check(
         management,
+        consent,
         workloads.clone(),
         health.clone(),
         config.kube_timeout,
@@ -234,11 +243,13 @@ impl Health {
 
 /// Reports SERVING once the management API server answered `GET /version` and at least
 /// one workload cluster is ready (a TokenReview cluster's API server answered, a JWKS
-/// cluster has keys). With `--workload-kubeconfig` alone that is "both API servers". A
+/// cluster has keys), and with `--require-sa-label` the labelled service accounts were
+/// listed. With `--workload-kubeconfig` alone that is "both API servers". A
 /// cluster that is not ready does not hold the others back; once SERVING, the server
 /// stays so until it drains (keys are never dropped, only replaced).
 async fn startup_check(
     management: kube::Client,
+    consent: Option<Consent>,
     workloads: Workloads,
     health: Health,
     timeout: Duration,
@@ -279,7 +290,9 @@ async fn startup_check(
                 ),
             }
         }
-        if management_ok && !ready.is_empty() {
+        // With --require-sa-label, nothing can be minted before the labelled list is in.
+        let consent_ok = consent.as_ref().is_none_or(Consent::synced);
+        if management_ok && consent_ok && !ready.is_empty() {
             health.set(ServingStatus::Serving).await;
             if set.is_single() {
                 info!("both API servers reachable; serving");

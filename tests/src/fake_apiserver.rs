@@ -20,6 +20,7 @@ mod routes;
 mod status;
 mod tls;
 mod tokens;
+mod watch;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -66,6 +67,8 @@ pub struct Rights {
     pub token_request: bool,
     /// `get serviceaccounts` and `get namespaces`.
     pub read: bool,
+    /// `list` and `watch serviceaccounts` (cluster scope).
+    pub list_service_accounts: bool,
 }
 
 impl Rights {
@@ -74,6 +77,7 @@ impl Rights {
         token_review: true,
         token_request: true,
         read: true,
+        list_service_accounts: true,
     };
     /// What the companion needs in a workload cluster: create TokenReviews.
     pub const TOKEN_REVIEW: Rights = Rights {
@@ -90,6 +94,7 @@ impl Rights {
         token_review: false,
         token_request: false,
         read: false,
+        list_service_accounts: false,
     };
 }
 
@@ -117,6 +122,8 @@ pub(crate) struct Meta {
     pub(crate) uid: String,
     pub(crate) created: SystemTime,
     pub(crate) resource_version: u64,
+    /// `metadata.labels` (service accounts; namespaces carry their fixed name label).
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +140,9 @@ pub(crate) struct Store {
     callers: HashMap<String, Caller>,
     /// Rights of users who authenticate with a JWT (service accounts, `mint_user` users).
     grants: HashMap<String, Rights>,
-    resource_version: u64,
+    pub(crate) resource_version: u64,
+    /// What service-account watches read.
+    pub(crate) changes: watch::Changes,
 }
 
 impl Store {
@@ -143,6 +152,7 @@ impl Store {
             uid: tokens::uuid_v4(),
             created: SystemTime::now(),
             resource_version: self.resource_version,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -538,7 +548,11 @@ impl FakeCluster {
             None => {
                 let meta = store.meta();
                 let uid = meta.uid.clone();
-                store.service_accounts.insert(key, meta);
+                let version = meta.resource_version;
+                store.service_accounts.insert(key, meta.clone());
+                store
+                    .changes
+                    .record(version, namespace, name, None, Some(meta));
                 uid
             }
         };
@@ -553,9 +567,49 @@ impl FakeCluster {
     /// (TokenReview looks the account up); adding it again gives a new uid, which old
     /// tokens don't match either.
     pub fn delete_service_account(&self, namespace: &str, name: &str) {
-        lock(&self.shared.store)
+        let mut store = lock(&self.shared.store);
+        if let Some(gone) = store
             .service_accounts
-            .remove(&(namespace.to_owned(), name.to_owned()));
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        {
+            store.resource_version += 1;
+            let version = store.resource_version;
+            store
+                .changes
+                .record(version, namespace, name, Some(gone), None);
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a label of an existing service account, as
+    /// `kubectl label` does: a new resourceVersion and an event for its watchers. Returns
+    /// whether the account exists.
+    pub fn label_service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> bool {
+        let mut store = lock(&self.shared.store);
+        store.resource_version += 1;
+        let version = store.resource_version;
+        let Some(meta) = store
+            .service_accounts
+            .get_mut(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return false;
+        };
+        let before = meta.clone();
+        match value {
+            Some(value) => meta.labels.insert(key.to_owned(), value.to_owned()),
+            None => meta.labels.remove(key),
+        };
+        meta.resource_version = version;
+        let after = meta.clone();
+        store
+            .changes
+            .record(version, namespace, name, Some(before), Some(after));
+        true
     }
 
     /// Creates a namespace (no-op when it exists).

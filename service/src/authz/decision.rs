@@ -38,6 +38,8 @@ pub enum DenyReason {
     ExchangeForbidden,
     /// The workload cluster may not map into that namespace (its namespace policy).
     NamespaceNotAllowed,
+    /// `--require-sa-label`: the management service account does not carry the label.
+    NotConsented,
     /// A cluster did not answer within the Check's budget.
     DeadlineExceeded(Cluster),
     /// A cluster is unreachable, overloaded, failing or refuses our own credentials.
@@ -67,7 +69,8 @@ impl DenyReason {
             | InvalidServiceAccountName
             | UnknownServiceAccount
             | ExchangeForbidden
-            | NamespaceNotAllowed => (StatusCode::Forbidden, code::PERMISSION_DENIED),
+            | NamespaceNotAllowed
+            | NotConsented => (StatusCode::Forbidden, code::PERMISSION_DENIED),
             DeadlineExceeded(_) | Unavailable(_) => {
                 (StatusCode::ServiceUnavailable, code::UNAVAILABLE)
             }
@@ -97,6 +100,7 @@ impl DenyReason {
             UnknownServiceAccount => "unknown_service_account",
             ExchangeForbidden => "exchange_forbidden",
             NamespaceNotAllowed => "namespace_not_allowed",
+            NotConsented => "not_consented",
             DeadlineExceeded(_) => "deadline_exceeded",
             Unavailable(_) => "unavailable",
             Throttled(_) => "throttled",
@@ -116,6 +120,7 @@ impl DenyReason {
             UnknownServiceAccount => "service account not found in the management cluster",
             ExchangeForbidden => "token exchange forbidden",
             NamespaceNotAllowed => "namespace not allowed for this workload cluster",
+            NotConsented => "service account not enabled for exchange",
             DeadlineExceeded(_) => "identity service timed out",
             Unavailable(_) => "identity service unavailable",
             Throttled(_) => "too many requests",
@@ -257,6 +262,7 @@ mod tests {
             (UnknownServiceAccount, 403, 7),
             (ExchangeForbidden, 403, 7),
             (NamespaceNotAllowed, 403, 7),
+            (NotConsented, 403, 7),
             (DeadlineExceeded(Cluster::Workload), 503, 14),
             (Unavailable(Cluster::Management), 503, 14),
             (Throttled(2), 429, 8),
@@ -281,6 +287,7 @@ mod tests {
             UnknownServiceAccount,
             ExchangeForbidden,
             NamespaceNotAllowed,
+            NotConsented,
             DeadlineExceeded(Cluster::Workload),
             Unavailable(Cluster::Workload),
             Throttled(3),
@@ -296,6 +303,7 @@ mod tests {
                 | UnknownServiceAccount
                 | ExchangeForbidden
                 | NamespaceNotAllowed
+                | NotConsented
                 | DeadlineExceeded(_)
                 | Unavailable(_)
                 | Throttled(_) => {}

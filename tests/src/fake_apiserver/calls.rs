@@ -16,6 +16,10 @@ pub enum Endpoint {
     GetServiceAccount,
     /// `GET /api/v1/namespaces/{ns}`
     GetNamespace,
+    /// `GET /api/v1/serviceaccounts` (cluster scope, optional `labelSelector`)
+    ListServiceAccounts,
+    /// `GET /api/v1/serviceaccounts?watch=true`: a watch, counted when it opens
+    WatchServiceAccounts,
     /// `GET /version`
     Version,
     /// `GET /healthz`
@@ -43,6 +47,7 @@ impl Endpoint {
             ["api", "v1", "namespaces", _, "serviceaccounts", _, "token"] => Endpoint::TokenRequest,
             ["api", "v1", "namespaces", _, "serviceaccounts", _] => Endpoint::GetServiceAccount,
             ["api", "v1", "namespaces", _] => Endpoint::GetNamespace,
+            ["api", "v1", "serviceaccounts"] => Endpoint::ListServiceAccounts,
             ["version"] => Endpoint::Version,
             ["healthz"] => Endpoint::Healthz,
             ["readyz"] => Endpoint::Readyz,

@@ -30,7 +30,11 @@ fn metadata(name: &str, namespace: Option<&str>, meta: &Meta) -> Value {
 }
 
 pub(crate) fn service_account(namespace: &str, name: &str, meta: &Meta) -> Value {
-    json!({"kind": "ServiceAccount", "apiVersion": "v1", "metadata": metadata(name, Some(namespace), meta)})
+    let mut m = metadata(name, Some(namespace), meta);
+    if !meta.labels.is_empty() {
+        m["labels"] = json!(meta.labels);
+    }
+    json!({"kind": "ServiceAccount", "apiVersion": "v1", "metadata": m})
 }
 
 pub(crate) fn namespace(name: &str, meta: &Meta) -> Value {

@@ -6,7 +6,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header, request::Parts};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -15,13 +15,13 @@ use super::{
     Caller, Endpoint, RETRY_AFTER_SECONDS, ServiceAccount, Shared, Status, TokenBuilder,
     TokenRequestSpec, TokenReviewSpec,
     calls::{Call, lock},
-    objects, protobuf, tokens,
+    objects, protobuf, tokens, watch,
 };
 
 /// kube-apiserver's request body limit (3 MiB).
 const MAX_BODY: usize = 3 * 1024 * 1024;
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response<BoxBody<Bytes, Infallible>>;
 
 /// Who is calling, from the `Authorization` header.
 enum Credential {
@@ -37,7 +37,14 @@ pub(crate) async fn handle(
 ) -> Result<Reply, Infallible> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
-    let endpoint = Endpoint::classify(&path);
+    let endpoint = match Endpoint::classify(&path) {
+        Endpoint::ListServiceAccounts
+            if query(&parts, "watch").is_some_and(|w| w == "true" || w == "1") =>
+        {
+            Endpoint::WatchServiceAccounts
+        }
+        endpoint => endpoint,
+    };
     let mut call = Call::new(endpoint, &parts.method, &path);
     let body = Limited::new(body, MAX_BODY)
         .collect()
@@ -148,6 +155,12 @@ async fn respond(
                 return reply;
             }
             get_namespace(shared, caller.as_ref(), &parts.headers, segment(3))
+        }
+        Endpoint::ListServiceAccounts | Endpoint::WatchServiceAccounts => {
+            if let Some(reply) = expect(Method::GET) {
+                return reply;
+            }
+            service_accounts(shared, caller.as_ref(), parts, endpoint)
         }
         Endpoint::Version => json_reply(StatusCode::OK, &objects::version()),
         Endpoint::Healthz | Endpoint::Readyz | Endpoint::Livez => text(StatusCode::OK, "ok"),
@@ -435,6 +448,79 @@ fn get_service_account(
     }
 }
 
+/// LIST or WATCH of service accounts across namespaces.
+fn service_accounts(
+    shared: &Shared,
+    caller: Option<&Caller>,
+    parts: &Parts,
+    endpoint: Endpoint,
+) -> Reply {
+    let Some(caller) = caller else {
+        return status(Status::unauthorized());
+    };
+    let verb = if endpoint == Endpoint::WatchServiceAccounts {
+        "watch"
+    } else {
+        "list"
+    };
+    if !caller.rights.list_service_accounts {
+        return status(Status::forbidden_cluster(
+            &caller.name,
+            verb,
+            "serviceaccounts",
+            "",
+        ));
+    }
+    let selector = match watch::Selector::parse(&query(parts, "labelSelector").unwrap_or_default())
+    {
+        Ok(selector) => selector,
+        Err(message) => return status(Status::bad_request(message)),
+    };
+    let store = lock(&shared.store);
+    if endpoint == Endpoint::ListServiceAccounts {
+        return json_reply(
+            StatusCode::OK,
+            &watch::list(
+                store.service_accounts.iter(),
+                &selector,
+                store.resource_version,
+            ),
+        );
+    }
+    let current = store.resource_version;
+    let version = match query(parts, "resourceVersion").as_deref() {
+        None | Some("" | "0") => current,
+        Some(text) => match text.parse::<u64>() {
+            Ok(version) => version,
+            Err(_) => {
+                return status(Status::bad_request(format!(
+                    "invalid resource version: {text:?}"
+                )));
+            }
+        },
+    };
+    let timeout = query(parts, "timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let frames = watch::start(&store.changes, version, current, selector, timeout);
+    drop(store);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
+    let mut reply = Response::new(BodyExt::boxed(body));
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    reply
+}
+
+/// A query parameter, percent-decoded.
+fn query(parts: &Parts, name: &str) -> Option<String> {
+    let query = parts.uri.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
 fn get_namespace(
     shared: &Shared,
     caller: Option<&Caller>,
@@ -527,7 +613,7 @@ fn text(code: StatusCode, body: &'static str) -> Reply {
 }
 
 fn reply(code: StatusCode, content_type: &'static str, body: Vec<u8>) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    let mut reply = Response::new(Full::new(Bytes::from(body)).boxed());
     *reply.status_mut() = code;
     let headers = reply.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

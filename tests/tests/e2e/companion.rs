@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use tokensmith_proto::envoy::{
     config::core::v3::{HeaderMap, HeaderValue, header_value_option::HeaderAppendAction},
     service::auth::v3::{CheckResponse, check_response::HttpResponse},
@@ -965,5 +965,160 @@ async fn with_a_workload_issuer_other_issuers_are_refused_before_any_review() ->
     let world = World::start(&["--workload-issuer", issuer]).await?;
     let token = world.workload_token(Duration::from_secs(3600));
     allowed_token(&world.check_bearer(&token).await?)?;
+    Ok(())
+}
+
+/// The companion of `pair` with `--require-sa-label tokensmith.io/exchange=true` and a
+/// minter that may also list and watch service accounts.
+async fn consenting(pair: &ClusterPair, extra: &[&str]) -> Result<Companion> {
+    let minter = pair.management.kubeconfig_with(
+        "tokensmith",
+        Rights {
+            token_request: true,
+            list_service_accounts: true,
+            ..Rights::NONE
+        },
+    )?;
+    let mut args = vec!["--require-sa-label", LABEL_REQUIREMENT];
+    args.extend_from_slice(extra);
+    Ok(Companion::start_serving(&pair.reviewer, &minter, &args).await?)
+}
+
+const LABEL_REQUIREMENT: &str = "tokensmith.io/exchange=true";
+
+/// Checks `token` until the answer's HTTP status (200 for an allow) is `want`, for at
+/// most `within`; returns how long that took.
+async fn until_status(
+    companion: &Companion,
+    token: &str,
+    want: i32,
+    within: Duration,
+) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        let response = companion
+            .check(&[("authorization", &format!("Bearer {token}"))])
+            .await?;
+        let got = match denied(&response) {
+            Ok(d) => d.http,
+            Err(_) => allowed_token(&response).map(|_| 200)?,
+        };
+        if got == want {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < within,
+            "still {got} after {within:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_a_required_label_only_labelled_management_accounts_get_tokens() -> Result<()> {
+    let pair = ClusterPair::start().await?;
+    let companion = consenting(&pair, &[]).await?;
+    let token = pair
+        .workload
+        .mint(&pair.workload_sa)
+        .expiring_in(Duration::from_secs(3600))
+        .sign();
+    // The same name exists in management, but nobody there consented: 403, no token.
+    let d = denied(
+        &companion
+            .check(&[("authorization", &format!("Bearer {token}"))])
+            .await?,
+    )?;
+    assert_eq!((d.http, d.grpc), (403, 7), "{d:?}");
+    assert_eq!(d.body, "service account not enabled for exchange");
+    assert_eq!(pair.management.count(Endpoint::TokenRequest), 0);
+    let (key, value) = LABEL_REQUIREMENT.split_once('=').context("label")?;
+    // A label of another value is not consent.
+    assert!(
+        pair.management
+            .label_service_account("app-prod", "eso-sa", key, Some("false"))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_status(&companion, &token, 403, Duration::ZERO).await?;
+    // Labelling it takes effect through the watch, within moments.
+    pair.management
+        .label_service_account("app-prod", "eso-sa", key, Some(value));
+    let took = until_status(&companion, &token, 200, Duration::from_secs(3)).await?;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    for _ in 0..20 {
+        allowed_token(
+            &companion
+                .check(&[("authorization", &format!("Bearer {token}"))])
+                .await?,
+        )?;
+    }
+    // Watched, not fetched per request: one LIST, one open watch, no GETs.
+    assert_eq!(pair.management.count(Endpoint::ListServiceAccounts), 1);
+    assert_eq!(pair.management.count(Endpoint::WatchServiceAccounts), 1);
+    assert_eq!(pair.management.count(Endpoint::GetServiceAccount), 0);
+    // Removing the label stops it at once, although the exchange cache holds a token.
+    pair.management
+        .label_service_account("app-prod", "eso-sa", key, None);
+    until_status(&companion, &token, 403, Duration::from_secs(3)).await?;
+    let line = decisions(&companion).pop().context("no decision")?;
+    assert_eq!(line["reason"], "not_consented", "{line}");
+    assert!(
+        line.to_string().contains(LABEL_REQUIREMENT),
+        "the log names the label: {line}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lost_watch_is_resumed_and_a_change_made_meanwhile_applies() -> Result<()> {
+    let pair = ClusterPair::start().await?;
+    let (key, value) = LABEL_REQUIREMENT.split_once('=').context("label")?;
+    pair.management
+        .label_service_account("app-prod", "eso-sa", key, Some(value));
+    let companion = consenting(&pair, &[]).await?;
+    let token = pair
+        .workload
+        .mint(&pair.workload_sa)
+        .expiring_in(Duration::from_secs(3600))
+        .sign();
+    until_status(&companion, &token, 200, Duration::ZERO).await?;
+    // The management API server goes away (open watch included) and comes back after
+    // the label was removed: the next LIST brings the change.
+    pair.management.inject(Fault::Refuse);
+    pair.management
+        .label_service_account("app-prod", "eso-sa", key, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pair.management.clear_faults();
+    until_status(&companion, &token, 403, Duration::from_secs(10)).await?;
+    assert!(pair.management.count(Endpoint::ListServiceAccounts) >= 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_the_right_to_list_accounts_the_companion_never_serves() -> Result<()> {
+    let pair = ClusterPair::start().await?;
+    // The pair's minter may mint but not list: no consent list, so nothing is minted.
+    let companion = Companion::start(
+        &pair.reviewer,
+        &pair.minter,
+        &["--require-sa-label", LABEL_REQUIREMENT],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(companion.health("").await?, ServingStatus::NotServing);
+    let token = pair.workload.mint(&pair.workload_sa).sign();
+    let d = denied(
+        &companion
+            .check(&[("authorization", &format!("Bearer {token}"))])
+            .await?,
+    )?;
+    assert_eq!(d.http, 503, "{d:?}");
+    assert_eq!(pair.management.count(Endpoint::TokenRequest), 0);
+    let logs = companion.logs();
+    assert!(
+        logs.contains("listing the service accounts labelled for exchange failed")
+            && logs.contains("cannot list resource"),
+        "the log says why"
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     process::Command,
+    str::FromStr,
     time::Duration,
 };
 
@@ -70,6 +71,7 @@ const KUBERNETES_KINDS: &[(&str, &str)] = &[
 /// Kinds without a Rust type here; the tests below check their fields one by one.
 const CHECKED_BY_HAND: &[(&str, &str)] = &[
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    ("kustomize.config.k8s.io/v1alpha1", "Component"),
     ("security.istio.io/v1", "AuthorizationPolicy"),
     ("security.istio.io/v1", "PeerAuthentication"),
     ("networking.istio.io/v1", "Gateway"),
@@ -1278,6 +1280,70 @@ fn kubectl_kustomize_renders_the_management_workload_and_istio_installs() -> Res
         kinds(&istio) == expected,
         "deploy/istio/ renders {:?}",
         kinds(&istio)
+    );
+    Ok(())
+}
+
+/// Renders `deploy/` with the components under `deploy/components/` named in
+/// `components`, through an overlay written under `target/` (kustomize refuses absolute
+/// paths and bases outside the overlay's tree only for files).
+fn kustomize_with(components: &[&str]) -> Result<Option<Vec<Value>>> {
+    let dir = format!("target/deploy-overlay-{}", std::process::id());
+    let overlay = repo_root().join(&dir);
+    std::fs::create_dir_all(&overlay)?;
+    let mut text = "resources:\n- ../../deploy\ncomponents:\n".to_owned();
+    for component in components {
+        text.push_str(&format!("- ../../deploy/components/{component}\n"));
+    }
+    std::fs::write(overlay.join("kustomization.yaml"), text)?;
+    let rendered = kustomize(&dir);
+    std::fs::remove_dir_all(&overlay)?;
+    rendered
+}
+
+#[test]
+fn the_consent_component_adds_the_flag_and_lets_the_companion_list_and_watch_accounts_only()
+-> Result<()> {
+    let docs = manifests()?;
+    let file = "deploy/components/require-sa-label/rbac.yaml";
+    let (rules, subjects) = granted(&docs, file, "tokensmith-consent")?;
+    ensure!(
+        rules
+            == vec![PolicyRule {
+                verbs: vec!["list".to_owned(), "watch".to_owned()],
+                ..rule("", "serviceaccounts", "")
+            }],
+        "unexpected rules: {rules:?}"
+    );
+    ensure!(
+        subjects
+            == vec![(
+                "ServiceAccount".to_owned(),
+                "tokensmith-system".to_owned(),
+                "tokensmith".to_owned()
+            )],
+        "{subjects:?}"
+    );
+    // The base stays without the flag; the component adds it, with a valid requirement.
+    ensure!(flag(&companion(&deployment(&docs)?)?, "require-sa-label").is_none());
+    let Some(rendered) = kustomize_with(&["require-sa-label"])? else {
+        return Ok(());
+    };
+    let deployment: Deployment = serde_json::from_value(
+        rendered
+            .iter()
+            .find(|d| d["kind"] == "Deployment")
+            .context("no Deployment")?
+            .clone(),
+    )?;
+    let label = flag(&companion(&deployment)?, "require-sa-label")
+        .context("the component did not add --require-sa-label")?;
+    tokensmith_service::consent::LabelRequirement::from_str(&label)
+        .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+    ensure!(
+        kinds(&rendered)["ClusterRole"] == 2,
+        "{:?}",
+        kinds(&rendered)
     );
     Ok(())
 }

@@ -1,0 +1,372 @@
+//! Management-side consent (`--require-sa-label KEY=VALUE`): a token is minted only for a
+//! management service account that carries the label. A LIST + WATCH of the labelled
+//! accounts keeps the set in memory, so no Check waits on the API server for it.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    str::FromStr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::{
+    api::{Api, ListParams, WatchEvent, WatchParams},
+    core::ObjectMeta,
+};
+use tracing::{info, warn};
+
+use crate::{
+    authz::{Denial, decision::DenyReason},
+    cluster::{self, Cluster},
+    identity::{ServiceAccountRef, is_dns1123_subdomain},
+};
+
+/// How long the API server keeps one watch open before we resume it (kube-rs's default).
+const WATCH_SECONDS: u32 = 290;
+/// Slack past `WATCH_SECONDS` before a silent watch is taken for a dead connection.
+const WATCH_SLACK: Duration = Duration::from_secs(30);
+/// Retry pacing after a failed LIST or WATCH: doubling from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// A `KEY=VALUE` label requirement, validated as Kubernetes validates labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelRequirement {
+    key: String,
+    value: String,
+}
+
+/// Why a `--require-sa-label` value is not a label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// No `=`.
+    #[error("{0:?} is not KEY=VALUE")]
+    Shape(String),
+    /// The key is not `[prefix/]name`.
+    #[error(
+        "label key {0:?} is not [DNS-subdomain prefix/]name (name: 1–63 of [A-Za-z0-9-_.], alphanumeric at both ends)"
+    )]
+    Key(String),
+    /// The value is not a label value.
+    #[error(
+        "label value {0:?} is not a label value (at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends)"
+    )]
+    Value(String),
+}
+
+/// A label name or value: at most 63 of `[A-Za-z0-9-_.]`, alphanumeric at both ends;
+/// `allow_empty` for values.
+fn is_label_part(s: &str, allow_empty: bool) -> bool {
+    if s.is_empty() {
+        return allow_empty;
+    }
+    let bytes = s.as_bytes();
+    bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+}
+
+impl FromStr for LabelRequirement {
+    type Err = LabelError;
+
+    fn from_str(text: &str) -> Result<Self, LabelError> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| LabelError::Shape(text.to_owned()))?;
+        let key_ok = match key.rsplit_once('/') {
+            Some((prefix, name)) => is_dns1123_subdomain(prefix) && is_label_part(name, false),
+            None => is_label_part(key, false),
+        };
+        if !key_ok {
+            return Err(LabelError::Key(key.to_owned()));
+        }
+        if !is_label_part(value, true) {
+            return Err(LabelError::Value(value.to_owned()));
+        }
+        Ok(LabelRequirement {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for LabelRequirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Accounts {
+    /// Whether a LIST has answered since start: before that nothing is known.
+    synced: bool,
+    labelled: HashSet<(String, String)>,
+}
+
+/// The set of management service accounts that carry the required label, kept current by
+/// a background watch. Clones share it.
+#[derive(Clone, Debug)]
+pub struct Consent {
+    required: Arc<LabelRequirement>,
+    accounts: Arc<RwLock<Accounts>>,
+}
+
+impl Consent {
+    /// Starts watching `client`'s service accounts for `required`; the task ends with the
+    /// runtime.
+    pub fn watch(client: kube::Client, required: LabelRequirement) -> Consent {
+        let consent = Consent {
+            required: Arc::new(required),
+            accounts: Arc::default(),
+        };
+        tokio::spawn(consent.clone().run(Api::all(client)));
+        consent
+    }
+
+    /// Whether a LIST has answered, so `check` can give verdicts.
+    pub fn synced(&self) -> bool {
+        self.read(|a| a.synced)
+    }
+
+    /// Ok when `service_account` carries the label. Before the first LIST, 503: the
+    /// management side's answer is not known yet.
+    pub fn check(&self, service_account: &ServiceAccountRef) -> Result<(), Denial> {
+        let key = (
+            service_account.namespace().to_owned(),
+            service_account.name().to_owned(),
+        );
+        let (synced, labelled) = self.read(|a| (a.synced, a.labelled.contains(&key)));
+        if !synced {
+            return Err(Denial {
+                reason: DenyReason::Unavailable(Cluster::Management),
+                detail: Some("service accounts labelled for exchange not listed yet".to_owned()),
+            });
+        }
+        if !labelled {
+            return Err(Denial {
+                reason: DenyReason::NotConsented,
+                detail: Some(format!(
+                    "the management service account lacks the label {}",
+                    self.required
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Accounts) -> T) -> T {
+        f(&self
+            .accounts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn write(&self, f: impl FnOnce(&mut Accounts)) {
+        f(&mut self
+            .accounts
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+        let count = self.read(|a| a.labelled.len());
+        crate::metrics::global()
+            .consented_accounts
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// LIST, then WATCH from the list's version until the watch ends or fails; again
+    /// from a fresh LIST after a failure (a 410 included). The last known set stays in
+    /// force meanwhile: a TokenRequest needs the same API server anyway.
+    async fn run(self, api: Api<ServiceAccount>) {
+        let selector = self.required.to_string();
+        let mut backoff = BACKOFF.0;
+        loop {
+            match self.list(&api, &selector).await {
+                Ok(mut version) => loop {
+                    match self.follow(&api, &selector, &version).await {
+                        Ok(next) => {
+                            backoff = BACKOFF.0;
+                            version = next;
+                        }
+                        Err(detail) => {
+                            warn!(
+                                cluster = "management",
+                                detail, "service-account watch ended; listing again"
+                            );
+                            break;
+                        }
+                    }
+                },
+                Err(detail) => {
+                    warn!(
+                        cluster = "management",
+                        detail,
+                        retry_in_s = backoff.as_secs(),
+                        "listing the service accounts labelled for exchange failed"
+                    );
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF.1);
+        }
+    }
+
+    /// Replaces the set with a LIST; returns the list's resourceVersion.
+    async fn list(&self, api: &Api<ServiceAccount>, selector: &str) -> Result<String, String> {
+        let started = std::time::Instant::now();
+        let listed = api.list(&ListParams::default().labels(selector)).await;
+        crate::metrics::global().kube_call(
+            "management",
+            "list_serviceaccounts",
+            crate::metrics::code_of(&listed, "200"),
+            started.elapsed(),
+        );
+        let listed = listed.map_err(|e| cluster::describe(&e))?;
+        let labelled: HashSet<_> = listed
+            .items
+            .iter()
+            .filter_map(|sa| key(&sa.metadata))
+            .collect();
+        let first = !self.synced();
+        let count = labelled.len();
+        self.write(|a| {
+            a.labelled = labelled;
+            a.synced = true;
+        });
+        if first {
+            info!(label = %self.required, accounts = count, "service accounts labelled for exchange listed");
+        }
+        Ok(listed.metadata.resource_version.unwrap_or_default())
+    }
+
+    /// Applies one watch's events; returns the version to resume from, or why a fresh
+    /// LIST is needed.
+    async fn follow(
+        &self,
+        api: &Api<ServiceAccount>,
+        selector: &str,
+        version: &str,
+    ) -> Result<String, String> {
+        let params = WatchParams::default()
+            .labels(selector)
+            .timeout(WATCH_SECONDS)
+            .disable_bookmarks();
+        let mut version = version.to_owned();
+        let watched = async {
+            let stream = api
+                .watch(&params, &version)
+                .await
+                .map_err(|e| cluster::describe(&e))?;
+            let mut stream = std::pin::pin!(stream.map_err(|e| cluster::describe(&e)));
+            while let Some(event) = stream.next().await {
+                let (present, sa) = match event? {
+                    WatchEvent::Added(sa) | WatchEvent::Modified(sa) => (true, sa),
+                    WatchEvent::Deleted(sa) => (false, sa),
+                    WatchEvent::Bookmark(mark) => {
+                        version = mark.metadata.resource_version;
+                        continue;
+                    }
+                    WatchEvent::Error(status) => {
+                        return Err(format!("{} ({})", status.message, status.code));
+                    }
+                };
+                if let Some(next) = &sa.metadata.resource_version {
+                    version.clone_from(next);
+                }
+                // A watch on a selector reports an account that lost the label as
+                // DELETED; the check below also covers a server that sends MODIFIED.
+                let keep = present && carries(&sa.metadata, &self.required);
+                if let Some(key) = key(&sa.metadata) {
+                    self.write(|a| {
+                        if keep {
+                            a.labelled.insert(key);
+                        } else {
+                            a.labelled.remove(&key);
+                        }
+                    });
+                }
+            }
+            Ok(())
+        };
+        let bound = Duration::from_secs(u64::from(WATCH_SECONDS)) + WATCH_SLACK;
+        match tokio::time::timeout(bound, watched).await {
+            Ok(Ok(())) => Ok(version),
+            Ok(Err(detail)) => Err(detail),
+            Err(_) => Err("the watch outlived its timeout (connection lost?)".to_owned()),
+        }
+    }
+}
+
+fn key(meta: &ObjectMeta) -> Option<(String, String)> {
+    Some((meta.namespace.clone()?, meta.name.clone()?))
+}
+
+fn carries(meta: &ObjectMeta, required: &LabelRequirement) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(&required.key))
+        .is_some_and(|value| *value == required.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_requirements_are_validated_like_kubernetes_labels() {
+        for good in [
+            "tokensmith.io/exchange=true",
+            "exchange=",
+            "a=b",
+            "example.com/x_y.z=A-1",
+        ] {
+            assert!(good.parse::<LabelRequirement>().is_ok(), "{good}");
+        }
+        for (bad, error) in [
+            ("exchange", LabelError::Shape("exchange".into())),
+            ("=true", LabelError::Key("".into())),
+            ("Bad_Prefix/x=true", LabelError::Key("Bad_Prefix/x".into())),
+            ("-x=true", LabelError::Key("-x".into())),
+            ("x=-true", LabelError::Value("-true".into())),
+            ("x=a b", LabelError::Value("a b".into())),
+        ] {
+            assert_eq!(bad.parse::<LabelRequirement>(), Err(error), "{bad}");
+        }
+        let long = format!("x={}", "v".repeat(64));
+        assert!(long.parse::<LabelRequirement>().is_err());
+    }
+
+    #[test]
+    fn the_requirement_is_its_own_selector() {
+        let required: LabelRequirement = "tokensmith.io/exchange=true".parse().unwrap();
+        assert_eq!(required.to_string(), "tokensmith.io/exchange=true");
+    }
+
+    #[test]
+    fn only_labelled_accounts_pass_and_nothing_before_the_first_list() {
+        let consent = Consent {
+            required: Arc::new("tokensmith.io/exchange=true".parse().unwrap()),
+            accounts: Arc::default(),
+        };
+        let sa = ServiceAccountRef::new("app-prod", "eso-sa").unwrap();
+        let other = ServiceAccountRef::new("app-prod", "other").unwrap();
+        let before = consent.check(&sa).unwrap_err();
+        assert_eq!(before.reason, DenyReason::Unavailable(Cluster::Management));
+        consent.write(|a| {
+            a.synced = true;
+            a.labelled.insert(("app-prod".into(), "eso-sa".into()));
+        });
+        assert!(consent.check(&sa).is_ok());
+        let refused = consent.check(&other).unwrap_err();
+        assert_eq!(refused.reason, DenyReason::NotConsented);
+        assert!(
+            refused
+                .detail
+                .unwrap()
+                .contains("tokensmith.io/exchange=true")
+        );
+    }
+}
