@@ -48,8 +48,10 @@ pub struct AuthzArgs {
     /// together with --clusters-config.
     #[arg(long, env = "TOKENSMITH_WORKLOAD_KUBECONFIG", default_value = "")]
     pub workload_kubeconfig: String,
-    /// Issuer (`iss`) of the workload cluster's tokens: any other is refused before a
-    /// TokenReview. Empty: not checked. With --workload-kubeconfig only.
+    /// Issuer (`iss`) of the workload cluster's tokens: any other (but the legacy
+    /// kubernetes/serviceaccount) is refused before a TokenReview. Empty: discovered from
+    /// the API server's /.well-known/openid-configuration at start; `*`: not checked.
+    /// With --workload-kubeconfig only.
     #[arg(long, env = "TOKENSMITH_WORKLOAD_ISSUER", default_value = "")]
     pub workload_issuer: String,
     /// Audience the workload tokens must carry (repeatable or comma-separated): sent as

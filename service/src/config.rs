@@ -77,14 +77,35 @@ pub struct AuthzConfig {
     pub drain_grace: Duration,
 }
 
+/// `--workload-issuer`: the `iss` the single workload cluster's tokens must carry; any
+/// other is refused before a TokenReview.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SingleIssuer {
+    /// Empty (the default): read from the API server's OIDC discovery at start.
+    Discover,
+    /// `*`: not checked (an API server with several `--service-account-issuer`s).
+    Any,
+    /// This issuer.
+    Exact(String),
+}
+
+impl SingleIssuer {
+    fn from_flag(flag: &str) -> Self {
+        match flag {
+            "" => SingleIssuer::Discover,
+            "*" => SingleIssuer::Any,
+            issuer => SingleIssuer::Exact(issuer.to_owned()),
+        }
+    }
+}
+
 /// The one workload cluster of `--workload-kubeconfig` and what its flags say of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SingleCluster {
     /// Where the cluster is.
     pub source: ClusterSource,
-    /// `--workload-issuer`: tokens of any other `iss` are refused before a TokenReview;
-    /// empty: not checked.
-    pub issuer: String,
+    /// `--workload-issuer`: which `iss` tokens must carry to be worth a TokenReview.
+    pub issuer: SingleIssuer,
     /// `--workload-audiences`.
     pub audiences: Vec<String>,
     /// `--allow-namespaces`.
@@ -217,7 +238,7 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
             }
             WorkloadsSource::Kubeconfig(SingleCluster {
                 source: ClusterSource::from_flag(&args.workload_kubeconfig),
-                issuer: args.workload_issuer,
+                issuer: SingleIssuer::from_flag(&args.workload_issuer),
                 audiences: args.workload_audiences,
                 allow_namespaces,
             })

@@ -128,6 +128,26 @@ impl Reviewer {
         }
     }
 
+    /// The issuer the API server announces in its OIDC discovery document
+    /// (`/.well-known/openid-configuration`, readable by every service account).
+    /// `Ok(None)` when it definitely has none to tell (discovery off, 403 or 404, no
+    /// `issuer`); `Err` for a failure worth retrying.
+    pub async fn discover_issuer(&self, timeout: Duration) -> Result<Option<String>, String> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            issuer: Option<String>,
+        }
+        let request = http::Request::get("/.well-known/openid-configuration")
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, self.client.request::<Discovery>(request)).await {
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Ok(document)) => Ok(document.issuer.filter(|i| !i.is_empty())),
+            Ok(Err(kube::Error::Api(status))) if matches!(status.code, 401 | 403 | 404) => Ok(None),
+            Ok(Err(e)) => Err(cluster::describe(&e)),
+        }
+    }
+
     /// Asks the workload cluster about `token` (or reuses its recent answer). Only an
     /// authenticated service account with valid namespace and name passes. Concurrent
     /// reviews of one token make one call. Returns whether the answer was cached.

@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{
+        Arc, OnceLock, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -16,7 +19,7 @@ use crate::{
     authz::{Denial, decision::DenyReason},
     cluster::{self, Cluster, ClusterSource, KubeSettings},
     clusters::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method, namespaces::NamespacePolicy},
-    config::SingleCluster,
+    config::{SingleCluster, SingleIssuer},
     identity::WorkloadIdentity,
     jwks::{JwksValidator, KeySource, verify},
     review::{Review, Reviewer},
@@ -49,6 +52,52 @@ pub struct WorkloadCluster {
     validator: Validator,
     /// The JWKS source it was built from, to keep the validator across reloads.
     jwks_source: Option<KeySource>,
+    /// `--workload-kubeconfig` only: the `iss` a token needs to be worth a TokenReview.
+    expected_issuer: ExpectedIssuer,
+}
+
+/// The single cluster's issuer check: set from the flag, or once discovered.
+#[derive(Default)]
+struct ExpectedIssuer {
+    issuer: OnceLock<String>,
+    /// Discovery still to be tried (`--workload-issuer` empty and no definite answer yet).
+    discover: AtomicBool,
+}
+
+impl ExpectedIssuer {
+    fn new(flag: &SingleIssuer) -> Self {
+        let expected = ExpectedIssuer::default();
+        match flag {
+            SingleIssuer::Exact(issuer) => {
+                let _ = expected.issuer.set(issuer.clone());
+            }
+            SingleIssuer::Discover => expected.discover.store(true, Ordering::Relaxed),
+            SingleIssuer::Any => {}
+        }
+        expected
+    }
+
+    /// Whether `token` may be reviewed: its `iss` is the expected one, or the legacy
+    /// Secret-token issuer the API server also accepts. Anything goes while none is known.
+    fn check(&self, token: &BearerToken) -> Result<(), Denial> {
+        let Some(expected) = self.issuer.get() else {
+            return Ok(());
+        };
+        match verify::unverified_issuer(token.expose()) {
+            Some(iss) if iss == *expected || iss == verify::LEGACY_ISSUER => Ok(()),
+            Some(_) => Err(Denial {
+                reason: DenyReason::UnknownIssuer,
+                detail: Some(
+                    "iss is not the workload cluster's issuer (--workload-issuer)".to_owned(),
+                ),
+            }),
+            // Not a JWT at all: that is a bad token, not a stranger's.
+            None => Err(Denial {
+                reason: DenyReason::InvalidToken,
+                detail: Some("no iss claim (not a JWT?)".to_owned()),
+            }),
+        }
+    }
 }
 
 impl WorkloadCluster {
@@ -94,10 +143,41 @@ impl WorkloadCluster {
     /// answers, a JWKS cluster has keys. `Err` says why not.
     pub async fn ready(&self, timeout: Duration) -> Result<(), String> {
         match &self.validator {
-            Validator::TokenReview(reviewer) => reviewer.reachable(timeout).await,
+            Validator::TokenReview(reviewer) => {
+                reviewer.reachable(timeout).await?;
+                self.discover_issuer(reviewer, timeout).await
+            }
             Validator::Jwks(jwks) if jwks.has_keys() => Ok(()),
             Validator::Jwks(_) => Err("no JWKS keys loaded yet".to_owned()),
         }
+    }
+
+    /// With `--workload-issuer` empty, asks the API server for its issuer until it gives a
+    /// definite answer: the issuer, or that it has none to tell (then tokens of any
+    /// issuer are reviewed, as with `*`).
+    async fn discover_issuer(&self, reviewer: &Reviewer, timeout: Duration) -> Result<(), String> {
+        let expected = &self.expected_issuer;
+        if !expected.discover.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match reviewer.discover_issuer(timeout).await {
+            Ok(Some(issuer)) => {
+                tracing::info!(
+                    cluster = "workload",
+                    issuer = issuer.as_str(),
+                    "workload issuer discovered; tokens of other issuers are refused before a TokenReview"
+                );
+                let _ = expected.issuer.set(issuer);
+            }
+            Ok(None) => tracing::warn!(
+                cluster = "workload",
+                "the workload API server announces no issuer (OIDC discovery off?); every \
+                 token costs a TokenReview: set --workload-issuer"
+            ),
+            Err(detail) => return Err(format!("issuer discovery: {detail}")),
+        }
+        expected.discover.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether it validates with TokenReview.
@@ -126,12 +206,8 @@ impl WorkloadSet {
         if self.single
             && let Some(only) = self.clusters.first()
         {
-            // With --workload-issuer, another issuer's token costs no TokenReview.
-            if !only.issuer.is_empty()
-                && verify::unverified_issuer(token.expose()).as_deref() != Some(&only.issuer)
-            {
-                return Err(unknown("iss is not --workload-issuer".to_owned()));
-            }
+            // Another issuer's token costs no TokenReview.
+            only.expected_issuer.check(token)?;
             return Ok(only.clone());
         }
         let issuer = verify::unverified_issuer(token.expose())
@@ -179,7 +255,8 @@ impl Workloads {
         let client = cluster::client(Cluster::Workload, &single.source, &settings).await?;
         let only = Arc::new(WorkloadCluster {
             name: Arc::from(SINGLE_CLUSTER_NAME),
-            issuer: single.issuer.clone(),
+            issuer: String::new(),
+            expected_issuer: ExpectedIssuer::new(&single.issuer),
             audiences: single.audiences.clone(),
             leeway: DEFAULT_LEEWAY,
             namespaces: Some(NamespacePolicy::new(
@@ -330,6 +407,7 @@ async fn cluster(
         namespaces: Some(spec.namespaces.clone()),
         validator,
         jwks_source,
+        expected_issuer: ExpectedIssuer::default(),
     })
 }
 
@@ -467,6 +545,7 @@ mod tests {
                 .unwrap(),
             ),
             jwks_source: None,
+            expected_issuer: ExpectedIssuer::default(),
         };
         let identity = |ns: &str| WorkloadIdentity {
             service_account: crate::identity::ServiceAccountRef::new(ns, "sa").unwrap(),

@@ -36,7 +36,7 @@ pub struct Header {
 }
 
 /// The `iss` of legacy secret-based service-account tokens.
-const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
 fn invalid(detail: impl Into<String>) -> Denial {
     Denial {

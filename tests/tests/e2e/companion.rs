@@ -357,13 +357,31 @@ async fn invalid_workload_tokens_are_unauthorized() -> Result<()> {
     let world = World::start(&[]).await?;
     let stranger = FakeCluster::start("stranger").await?;
     let stranger_sa = stranger.add_service_account("app-prod", "eso-sa");
+    // The workload cluster's issuer, but keys it never published.
+    let forger = FakeCluster::builder("forger")
+        .issuer(world.workload.issuer())
+        .signing_key(3)
+        .start()
+        .await?;
+    let forged_sa = forger.add_service_account("app-prod", "eso-sa");
     let cases = [
-        ("garbage", "not-a-jwt".to_owned()),
+        ("garbage", "not-a-jwt".to_owned(), "invalid_token"),
         (
             "expired",
             world.workload.mint(&world.workload_sa).expired().sign(),
+            "invalid_token",
         ),
-        ("foreign issuer", stranger.mint(&stranger_sa).sign()),
+        // The discovered issuer refuses it before any review.
+        (
+            "foreign issuer",
+            stranger.mint(&stranger_sa).sign(),
+            "unknown_issuer",
+        ),
+        (
+            "unpublished key",
+            forger.mint(&forged_sa).sign(),
+            "invalid_token",
+        ),
         (
             "wrong audience",
             world
@@ -371,11 +389,12 @@ async fn invalid_workload_tokens_are_unauthorized() -> Result<()> {
                 .mint(&world.workload_sa)
                 .audiences(vec!["elsewhere".into()])
                 .sign(),
+            "invalid_token",
         ),
     ];
-    for (what, token) in cases {
+    for (what, token, reason) in cases {
         let response = world.check_bearer(&token).await?;
-        let d = assert_denied(&world, &response, 401, 16, "invalid_token")
+        let d = assert_denied(&world, &response, 401, 16, reason)
             .await
             .context(what)?;
         assert!(
@@ -402,12 +421,73 @@ async fn token_of_a_deleted_service_account_is_unauthorized() -> Result<()> {
 
 #[tokio::test]
 async fn a_user_that_is_not_a_service_account_is_forbidden() -> Result<()> {
-    let world = World::start(&[]).await?;
+    // Users authenticate with another issuer's tokens (OIDC): with every issuer
+    // reviewed, the API server accepts the user and the companion refuses it.
+    let world = World::start(&["--workload-issuer", "*"]).await?;
     let response = world
         .check_bearer(&world.workload.mint_user("alice"))
         .await?;
     assert_denied(&world, &response, 403, 7, "not_service_account").await?;
     assert_eq!(world.management.count(Endpoint::TokenRequest), 0);
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_discovered_issuer_refuses_other_issuers_before_a_review_and_admits_legacy_tokens()
+-> Result<()> {
+    let world = World::start(&[]).await?;
+    let discovered = world
+        .companion
+        .log_records()
+        .into_iter()
+        .find(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("workload issuer discovered"))
+        })
+        .context("no discovery logged")?;
+    assert_eq!(discovered["issuer"], world.workload.issuer());
+    let response = world
+        .check_bearer(&world.workload.mint_user("alice"))
+        .await?;
+    assert_denied(&world, &response, 401, 16, "unknown_issuer").await?;
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 0);
+    // Legacy Secret-based tokens carry `kubernetes/serviceaccount`: the API server
+    // decides (this fake, like clusters that cleaned them up, refuses them).
+    let legacy = world
+        .workload
+        .mint(&world.workload_sa)
+        .legacy("eso-sa-token-x7k2p")
+        .sign();
+    let response = world.check_bearer(&legacy).await?;
+    assert_denied(&world, &response, 401, 16, "invalid_token").await?;
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_issuer_discovery_every_issuer_is_reviewed_and_a_warning_says_so() -> Result<()> {
+    let pair = ClusterPair::start().await?;
+    pair.workload.inject(Fault::Status {
+        endpoint: Some(Endpoint::OpenIdConfiguration),
+        code: 404,
+    });
+    let companion = Companion::start_serving(&pair.reviewer, &pair.minter, &[]).await?;
+    assert!(
+        companion
+            .logs()
+            .contains("the workload API server announces no issuer"),
+        "a warning names the gap"
+    );
+    let user = pair.workload.mint_user("alice");
+    let d = denied(
+        &companion
+            .check(&[("authorization", &format!("Bearer {user}"))])
+            .await?,
+    )?;
+    assert_eq!(d.http, 403, "{d:?}");
+    assert_eq!(pair.workload.count(Endpoint::TokenReview), 1);
     Ok(())
 }
 
@@ -906,8 +986,13 @@ async fn well_formed_unknown_tokens_get_few_review_turns_and_cached_identities_p
         endpoint: Some(Endpoint::TokenReview),
         delay: Duration::from_millis(400),
     });
-    // Well-formed, unexpired, but signed by a cluster nobody trusts: each needs a review.
-    let stranger = FakeCluster::start("stranger").await?;
+    // Well-formed, unexpired, of the right issuer, but signed by keys nobody trusts:
+    // each needs a review.
+    let stranger = FakeCluster::builder("stranger")
+        .issuer(world.workload.issuer())
+        .signing_key(3)
+        .start()
+        .await?;
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..FLOOD {
         let sa = stranger.add_service_account("app-prod", &format!("sa-{i}"));

@@ -287,7 +287,8 @@ async fn denials_reach_the_client_and_never_the_upstream(path: Path) -> Result<(
             Some(stranger.mint(&stranger_sa).sign()),
             401,
         ),
-        ("not a service account", Some(w.mint_user("alice")), 403),
+        // User tokens come from another issuer: refused before any review.
+        ("not a service account", Some(w.mint_user("alice")), 401),
         ("missing in management", Some(w.mint(&ghost).sign()), 403),
     ];
     for (what, token, status) in &cases {

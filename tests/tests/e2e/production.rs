@@ -128,9 +128,13 @@ async fn token_reviews_are_cached_for_the_validation_ttl_only() -> Result<()> {
         2,
         "the TTL has passed"
     );
-    // A rejection (of a well-formed token the API server does not accept: another
-    // cluster's) is kept for at most a second.
-    let stranger = tokensmith_tests::FakeCluster::start("stranger").await?;
+    // A rejection (of a well-formed token of the right issuer that the API server does
+    // not accept: signed with keys it never published) is kept for at most a second.
+    let stranger = tokensmith_tests::FakeCluster::builder("stranger")
+        .issuer(world.workload.issuer())
+        .signing_key(3)
+        .start()
+        .await?;
     let foreign = stranger
         .mint(&stranger.add_service_account("app-prod", "eso-sa"))
         .sign();
