@@ -1,17 +1,17 @@
 //! The Check RPC as the filter speaks it: building the CheckRequest (the fields Envoy's
 //! ext_authz filter sends for these headers) and reading the CheckResponse.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use prost::Message;
 use tokensmith_proto::envoy::{
     config::core::v3::{
-        GrpcService, HeaderValueOption, grpc_service::EnvoyGrpc, grpc_service::TargetSpecifier,
-        header_value_option::HeaderAppendAction,
+        Address, GrpcService, HeaderValueOption, SocketAddress, grpc_service::EnvoyGrpc,
+        grpc_service::TargetSpecifier, header_value_option::HeaderAppendAction,
     },
     service::auth::v3::{
         AttributeContext, CheckRequest, CheckResponse,
-        attribute_context::{HttpRequest, Request},
+        attribute_context::{HttpRequest, Peer, Request},
         check_response::HttpResponse,
     },
 };
@@ -120,7 +120,12 @@ pub fn grpc_service(config: &Config) -> String {
 /// header map, and the credential always as `authorization`, the header the companion
 /// reads. Values that are not UTF-8 cannot travel in these string fields: they are left
 /// out (the credential has been checked to be UTF-8 before).
-pub fn request(config: &Config, headers: &Headers, credential: &str) -> Vec<u8> {
+pub fn request(
+    config: &Config,
+    headers: &Headers,
+    credential: &str,
+    peer: Option<SocketAddr>,
+) -> Vec<u8> {
     let get = |name: &str| headers.text(name).unwrap_or_default().to_owned();
     let mut map = HashMap::new();
     for name in &config.forward_headers {
@@ -149,6 +154,16 @@ pub fn request(config: &Config, headers: &Headers, credential: &str) -> Vec<u8> 
                     headers: map,
                     ..Default::default()
                 }),
+            }),
+            // As Envoy's ext_authz fills `source`: the downstream peer's socket address.
+            source: peer.map(|peer| Peer {
+                address: Some(Address {
+                    socket_address: Some(SocketAddress {
+                        address: peer.ip().to_string(),
+                        port_value: u32::from(peer.port()),
+                    }),
+                }),
+                ..Default::default()
             }),
             ..Default::default()
         }),
@@ -274,15 +289,19 @@ mod tests {
             ("x-token", b"Bearer w"),
             ("cookie", b"secret"),
         ]);
-        let bytes = request(&config(), &headers, "Bearer w");
-        let http = CheckRequest::decode(bytes.as_slice())
+        let peer = "[2001:db8::7]:4431".parse().ok();
+        let bytes = request(&config(), &headers, "Bearer w", peer);
+        let attributes = CheckRequest::decode(bytes.as_slice())
             .unwrap()
             .attributes
-            .unwrap()
-            .request
-            .unwrap()
-            .http
             .unwrap();
+        let source = attributes.source.unwrap().address.unwrap();
+        let socket = source.socket_address.unwrap();
+        assert_eq!(
+            (socket.address.as_str(), socket.port_value),
+            ("2001:db8::7", 4431)
+        );
+        let http = attributes.request.unwrap().http.unwrap();
         assert_eq!(
             (http.method.as_str(), http.path.as_str(), http.host.as_str()),
             ("GET", "/api?x=1", "mgmt")

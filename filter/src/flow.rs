@@ -1,7 +1,7 @@
 //! The per-request state machine, free of host calls: facts in, a `Step` (and the
 //! counters to bump) out. The host layer carries the step out.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     bearer,
@@ -60,12 +60,14 @@ const MISSING_TOKEN: &str = "missing bearer token";
 const MALFORMED_TOKEN: &str = "malformed bearer token";
 const UNAVAILABLE: &str = "identity service unavailable";
 
-/// A request's headers have arrived (`now`: Unix seconds).
+/// A request's headers have arrived (`now`: Unix seconds) from `peer` (the downstream
+/// address, when the host tells it: the companion shares its TokenReview turns by it).
 pub fn on_request(
     config: &Config,
     headers: &Headers,
     cache: &impl SlotStore,
     now: u64,
+    peer: Option<SocketAddr>,
 ) -> (Decision, Option<Pending>) {
     let mut counters = vec![Counter::Requests];
     if let Some(patterns) = &config.hosts
@@ -119,7 +121,7 @@ pub fn on_request(
         .filter_map(|name| Some(((*name).to_owned(), headers.text(name)?.to_owned())))
         .collect();
     let step = Step::Dispatch {
-        message: check::request(config, headers, credential),
+        message: check::request(config, headers, credential, peer),
         metadata,
         timeout: config.timeout,
     };

@@ -5,12 +5,14 @@ pub mod bearer;
 pub mod decision;
 
 use std::{
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use tokensmith_proto::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse, attribute_context::HttpRequest,
+    CheckRequest, CheckResponse,
+    attribute_context::{HttpRequest, Peer},
     authorization_server::Authorization,
 };
 use tonic::{Request, Response, Status};
@@ -122,10 +124,15 @@ impl Authorizer {
         self
     }
 
-    /// Validates the bearer token in `authorization` with the workload cluster it belongs
-    /// to, applies that cluster's namespace policy and exchanges it, with every call done
-    /// within `budget`.
-    pub async fn decide(&self, authorization: Option<&str>, budget: Duration) -> Outcome {
+    /// Validates the bearer token in `authorization` (from `client_ip`, when known) with
+    /// the workload cluster it belongs to, applies that cluster's namespace policy and
+    /// exchanges it, with every call done within `budget`.
+    pub async fn decide(
+        &self,
+        authorization: Option<&str>,
+        client_ip: Option<IpAddr>,
+        budget: Duration,
+    ) -> Outcome {
         let deadline = tokio::time::Instant::now() + budget;
         let token = match bearer::parse(authorization) {
             Ok(token) => token,
@@ -143,7 +150,7 @@ impl Authorizer {
         };
         let source = Some(cluster.name().clone());
         let (review, validation_cached) =
-            match tokio::time::timeout_at(deadline, cluster.validate(&token)).await {
+            match tokio::time::timeout_at(deadline, cluster.validate(&token, client_ip)).await {
                 Ok(Ok(validated)) => validated,
                 Ok(Err(denial)) => return denied(source, None, denial),
                 Err(_) => return denied(source, None, out_of_time(Cluster::Workload, budget)),
@@ -249,6 +256,18 @@ fn denied(
     }
 }
 
+/// The client's IP as the proxy saw it (`attributes.source.address`), if it is one.
+fn source_ip(peer: Option<&Peer>) -> Option<IpAddr> {
+    peer?
+        .address
+        .as_ref()?
+        .socket_address
+        .as_ref()?
+        .address
+        .parse()
+        .ok()
+}
+
 fn out_of_time(cluster: Cluster, budget: Duration) -> Denial {
     Denial {
         reason: DenyReason::DeadlineExceeded(cluster),
@@ -283,15 +302,16 @@ impl Authorization for AuthzService {
             .and_then(|v| v.to_str().ok());
         let budget = deadline::budget(self.authorizer.kube_timeout, grpc_timeout);
         // Never Debug-print the request: its headers carry the token.
-        let http = request
-            .into_inner()
-            .attributes
-            .and_then(|a| a.request)
-            .and_then(|r| r.http)
-            .unwrap_or_default();
+        let attributes = request.into_inner().attributes.unwrap_or_default();
+        let source = source_ip(attributes.source.as_ref());
+        let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
         let request_id = request_id(&http);
         let outcome = match authorization_header(&http) {
-            Ok(header) => self.authorizer.decide(header.as_deref(), budget).await,
+            Ok(header) => {
+                self.authorizer
+                    .decide(header.as_deref(), source, budget)
+                    .await
+            }
             Err(denial) => denied(None, None, denial),
         };
         let latency = started.elapsed();

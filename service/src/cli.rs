@@ -121,6 +121,14 @@ pub struct AuthzArgs {
     /// cannot take every API-server slot.
     #[arg(long, env = "TOKENSMITH_REVIEW_MAX_IN_FLIGHT", default_value_t = 16)]
     pub review_max_in_flight: usize,
+    /// Of those, most for one client address (an IPv6 /64 counts as one; 0 = no share);
+    /// past it that client's checks wait the same 0.5 s, then 429.
+    #[arg(
+        long,
+        env = "TOKENSMITH_REVIEW_MAX_IN_FLIGHT_PER_SOURCE",
+        default_value_t = 4
+    )]
+    pub review_max_in_flight_per_source: usize,
     /// Checks per second allowed per service account (0 = no limit); past it, 429.
     #[arg(long, env = "TOKENSMITH_RATE_LIMIT", default_value_t = 0.0)]
     pub rate_limit: f64,

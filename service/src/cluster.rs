@@ -111,6 +111,8 @@ pub struct KubeSettings {
     pub validation_cache_ttl: Duration,
     /// `--review-max-in-flight`: TokenReviews in flight per workload cluster.
     pub review_max_in_flight: usize,
+    /// `--review-max-in-flight-per-source`: of those, most for one source (0: no share).
+    pub review_max_in_flight_per_source: usize,
 }
 
 impl KubeSettings {
@@ -121,6 +123,7 @@ impl KubeSettings {
             max_concurrency: 32,
             validation_cache_ttl: Duration::from_secs(10),
             review_max_in_flight: 16,
+            review_max_in_flight_per_source: 4,
         }
     }
 }

@@ -132,6 +132,15 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 });
             }
         }
+        if args.review_max_in_flight_per_source > args.review_max_in_flight {
+            return Err(Error::Config {
+                flag: "--review-max-in-flight-per-source",
+                problem: format!(
+                    "{} is more than --review-max-in-flight ({}); a share is a part of it",
+                    args.review_max_in_flight_per_source, args.review_max_in_flight
+                ),
+            });
+        }
         if args.token_expiration < MIN_TOKEN_LIFETIME {
             return Err(Error::Config {
                 flag: "--token-expiration",
@@ -290,6 +299,7 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 max_concurrency: args.kube_max_concurrency,
                 validation_cache_ttl: args.validation_cache_ttl,
                 review_max_in_flight: args.review_max_in_flight,
+                review_max_in_flight_per_source: args.review_max_in_flight_per_source,
             },
             cache_max_entries: args.cache_max_entries,
             rate_limit: (args.rate_limit > 0.0).then_some((args.rate_limit, args.rate_limit_burst)),
@@ -390,6 +400,21 @@ mod tests {
             e.contains("--require-sa-label") && e.contains("not KEY=VALUE"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_source_share_cannot_exceed_the_turns() {
+        let e = config(&[
+            "--review-max-in-flight",
+            "4",
+            "--review-max-in-flight-per-source",
+            "5",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--review-max-in-flight-per-source"), "{e}");
+        let c = config(&["--review-max-in-flight-per-source", "0"]).unwrap();
+        assert_eq!(c.kube.review_max_in_flight_per_source, 0);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! TokenReview against the workload cluster: is this token valid, and whose is it?
 
+pub mod turns;
+
 use std::{
+    net::IpAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -19,6 +22,7 @@ use crate::{
     metrics::{self, CacheLabels},
     secret::BearerToken,
 };
+use turns::{Busy, Turns};
 
 /// Most tokens whose review is remembered at once.
 const VALIDATION_CACHE_ENTRIES: u64 = 100_000;
@@ -69,7 +73,7 @@ pub struct Reviewer {
     /// Turns for TokenReviews in flight: tokens not in the cache wait briefly for one or
     /// get 429, so a flood of unknown tokens cannot hold every API-server slot; cached
     /// ones need none.
-    turns: Arc<tokio::sync::Semaphore>,
+    turns: Turns,
 }
 
 const VALIDATION: CacheLabels = CacheLabels {
@@ -93,13 +97,13 @@ impl Reviewer {
     /// go into the TokenReview, so the API server also checks `aud`; empty means the API
     /// server's own audiences.
     /// Answers are reused for `validation_ttl` (0: never).
-    /// At most `max_in_flight` TokenReviews run at once.
+    /// TokenReviews run only with one of `turns`.
     pub fn new(
         cluster: Arc<str>,
         client: kube::Client,
         audiences: Vec<String>,
         validation_ttl: Duration,
-        max_in_flight: usize,
+        turns: Turns,
     ) -> Self {
         let cache = (!validation_ttl.is_zero()).then(|| {
             moka::future::Cache::builder()
@@ -111,7 +115,7 @@ impl Reviewer {
         });
         Self {
             cluster,
-            turns: Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))),
+            turns,
             api: Api::all(client.clone()),
             client,
             audiences,
@@ -150,10 +154,15 @@ impl Reviewer {
 
     /// Asks the workload cluster about `token` (or reuses its recent answer). Only an
     /// authenticated service account with valid namespace and name passes. Concurrent
-    /// reviews of one token make one call. Returns whether the answer was cached.
-    pub async fn review(&self, token: &BearerToken) -> Result<(Review, bool), Denial> {
+    /// reviews of one token make one call. `source` is the client's address, for its
+    /// share of the turns. Returns whether the answer was cached.
+    pub async fn review(
+        &self,
+        token: &BearerToken,
+        source: Option<IpAddr>,
+    ) -> Result<(Review, bool), Denial> {
         let Some(cache) = &self.cache else {
-            return self.ask(token).await.map(|r| (r, false));
+            return self.ask(token, source).await.map(|r| (r, false));
         };
         let key: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
         let m = metrics::global();
@@ -164,7 +173,7 @@ impl Reviewer {
         m.cache_misses.get_or_create(&VALIDATION).inc();
         let answer = cache
             .try_get_with(key, async {
-                match self.ask(token).await {
+                match self.ask(token, source).await {
                     Ok(review) => Ok(Ok(review)),
                     // Not our turn: no verdict, nothing to remember.
                     Err(d) if matches!(d.reason, DenyReason::Throttled(_)) => Err(d),
@@ -179,19 +188,24 @@ impl Reviewer {
         answer.map(|r| (r, false))
     }
 
-    async fn ask(&self, token: &BearerToken) -> Result<Review, Denial> {
+    async fn ask(&self, token: &BearerToken, source: Option<IpAddr>) -> Result<Review, Denial> {
         // A short wait absorbs ordinary bursts; past it the caller hears 429 at once
         // instead of queueing behind a flood until its deadline.
-        let turn = tokio::time::timeout(TURN_WAIT, self.turns.acquire()).await;
-        let Ok(Ok(_turn)) = turn else {
-            return Err(Denial {
+        let _turn = self.turns.take(source, TURN_WAIT).await.map_err(|busy| {
+            let which = match busy {
+                Busy::Cluster => "--review-max-in-flight TokenReviews in flight for the cluster",
+                Busy::Source => {
+                    "--review-max-in-flight-per-source TokenReviews in flight for this source"
+                }
+            };
+            Denial {
                 reason: DenyReason::Throttled(1),
                 detail: Some(format!(
-                    "--review-max-in-flight TokenReviews in flight for cluster {:?} for {TURN_WAIT:?}",
+                    "{which} (workload cluster {:?}) for {TURN_WAIT:?}",
                     &*self.cluster
                 )),
-            });
-        };
+            }
+        })?;
         let started = std::time::Instant::now();
         let request = TokenReview {
             spec: TokenReviewSpec {

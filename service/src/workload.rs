@@ -22,7 +22,7 @@ use crate::{
     config::{SingleCluster, SingleIssuer},
     identity::WorkloadIdentity,
     jwks::{JwksValidator, KeySource, verify},
-    review::{Review, Reviewer},
+    review::{Review, Reviewer, turns::Turns},
     secret::BearerToken,
 };
 
@@ -109,12 +109,17 @@ impl WorkloadCluster {
     /// Validates `token` with this cluster's method. Only an authenticated service
     /// account with valid namespace and name passes.
     /// Also says whether the answer came from the validation cache (TokenReview only).
-    pub async fn validate(&self, token: &BearerToken) -> Result<(Review, bool), Denial> {
+    /// `source` is the client's address, for its share of the TokenReview turns.
+    pub async fn validate(
+        &self,
+        token: &BearerToken,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<(Review, bool), Denial> {
         match &self.validator {
             Validator::TokenReview(reviewer) => {
                 // Junk never reaches the API server: the shape is checked here first.
                 verify::prevalidate(token.expose(), self.leeway)?;
-                reviewer.review(token).await
+                reviewer.review(token, source).await
             }
             Validator::Jwks(jwks) => {
                 let expect = verify::Expectations {
@@ -269,7 +274,10 @@ impl Workloads {
                 client,
                 single.audiences.clone(),
                 settings.validation_cache_ttl,
-                settings.review_max_in_flight,
+                Turns::new(
+                    settings.review_max_in_flight,
+                    settings.review_max_in_flight_per_source,
+                ),
             ))),
             jwks_source: None,
         });
@@ -380,7 +388,10 @@ async fn cluster(
                 client,
                 spec.audiences.clone(),
                 settings.validation_cache_ttl,
-                settings.review_max_in_flight,
+                Turns::new(
+                    settings.review_max_in_flight,
+                    settings.review_max_in_flight_per_source,
+                ),
             );
             (
                 Validator::TokenReview(Box::new(reviewer)),

@@ -41,6 +41,24 @@ impl Connection {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| Error::Http(format!("connect {addr}: {e}")))?;
+        Self::over(stream, addr).await
+    }
+
+    /// Connects to `addr` from `local` (any of 127.0.0.0/8 works on loopback): a client
+    /// at another address, as the proxy sees it.
+    pub async fn open_from(addr: SocketAddr, local: std::net::IpAddr) -> Result<Self, Error> {
+        let failed = |e: std::io::Error| Error::Http(format!("connect {addr} from {local}: {e}"));
+        let socket = match local {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(failed)?;
+        socket.bind(SocketAddr::new(local, 0)).map_err(failed)?;
+        let stream = socket.connect(addr).await.map_err(failed)?;
+        Self::over(stream, addr).await
+    }
+
+    async fn over(stream: tokio::net::TcpStream, addr: SocketAddr) -> Result<Self, Error> {
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Error::Http(format!("handshake {addr}: {e}")))?;

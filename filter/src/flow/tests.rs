@@ -108,6 +108,7 @@ fn exchange(config: &Config, store: &MemoryStore, token: &str, exchanged: &str) 
         &headers(Some(&format!("Bearer {token}"))),
         store,
         NOW,
+        None,
     );
     assert!(
         matches!(decision.step, Step::Dispatch { .. }),
@@ -125,7 +126,13 @@ fn exchange(config: &Config, store: &MemoryStore, token: &str, exchanged: &str) 
 
 #[wasm_bindgen_test(unsupported = test)]
 fn a_missing_token_is_denied_like_the_companion_does() {
-    let (d, pending) = on_request(&config(""), &headers(None), &MemoryStore::default(), NOW);
+    let (d, pending) = on_request(
+        &config(""),
+        &headers(None),
+        &MemoryStore::default(),
+        NOW,
+        None,
+    );
     assert!(pending.is_none());
     assert_eq!(d.counters, [Counter::Requests, Counter::Denied]);
     let Step::Respond {
@@ -147,6 +154,7 @@ fn a_missing_token_passes_untouched_when_configured() {
         &headers(None),
         &MemoryStore::default(),
         NOW,
+        None,
     );
     assert_eq!(d.step, Step::Continue(vec![]));
 }
@@ -159,6 +167,7 @@ fn a_cache_miss_dispatches_a_check_with_trace_metadata() {
         &headers(Some(&format!("Bearer {token}"))),
         &MemoryStore::default(),
         NOW,
+        None,
     );
     assert_eq!(d.counters, [Counter::Requests, Counter::CacheMisses]);
     let Step::Dispatch {
@@ -195,6 +204,7 @@ fn an_allow_sets_the_new_token_and_the_next_request_is_a_cache_hit() {
         &headers(Some(&format!("Bearer {token}"))),
         &store,
         NOW + 10,
+        None,
     );
     assert!(pending.is_none(), "no Check on a hit");
     assert_eq!(
@@ -210,6 +220,7 @@ fn an_allow_sets_the_new_token_and_the_next_request_is_a_cache_hit() {
         &headers(Some(&format!("Bearer {other}"))),
         &store,
         NOW + 10,
+        None,
     );
     assert!(matches!(miss.step, Step::Dispatch { .. }));
 }
@@ -227,12 +238,14 @@ fn a_cached_exchange_ends_with_the_workload_tokens_life_and_before_its_own_expir
     );
     let request = headers(Some(&format!("Bearer {token}")));
     assert_eq!(
-        on_request(&c, &request, &store, NOW + 99).1,
+        on_request(&c, &request, &store, NOW + 99, None).1,
         None,
         "still served"
     );
     assert!(
-        on_request(&c, &request, &store, NOW + 100).1.is_some(),
+        on_request(&c, &request, &store, NOW + 100, None)
+            .1
+            .is_some(),
         "workload token over: ask again"
     );
 
@@ -244,9 +257,11 @@ fn a_cached_exchange_ends_with_the_workload_tokens_life_and_before_its_own_expir
         &jwt(&format!(r#"{{"exp":{}}}"#, NOW + 700)),
     );
     let request = headers(Some(&format!("Bearer {long_lived}")));
-    assert_eq!(on_request(&c, &request, &store, NOW + 639).1, None);
+    assert_eq!(on_request(&c, &request, &store, NOW + 639, None).1, None);
     assert!(
-        on_request(&c, &request, &store, NOW + 640).1.is_some(),
+        on_request(&c, &request, &store, NOW + 640, None)
+            .1
+            .is_some(),
         "inside the refresh window"
     );
 }
@@ -254,7 +269,13 @@ fn a_cached_exchange_ends_with_the_workload_tokens_life_and_before_its_own_expir
 #[wasm_bindgen_test(unsupported = test)]
 fn a_denial_is_sent_to_the_client_as_the_companion_wrote_it() {
     let c = config("");
-    let (_, pending) = on_request(&c, &headers(Some("Bearer x")), &MemoryStore::default(), NOW);
+    let (_, pending) = on_request(
+        &c,
+        &headers(Some("Bearer x")),
+        &MemoryStore::default(),
+        NOW,
+        None,
+    );
     let reply = CheckResponse {
         status: Some(Status {
             code: 7,
@@ -292,7 +313,7 @@ fn companion_failures_follow_failure_mode_and_never_forward_the_token() {
     let store = MemoryStore::default();
     for (mode, want_status) in [("deny", Some(503)), ("allow", None)] {
         let c = config(&format!(r#","failure_mode":"{mode}""#));
-        let (_, pending) = on_request(&c, &headers(Some("Bearer x")), &store, NOW);
+        let (_, pending) = on_request(&c, &headers(Some("Bearer x")), &store, NOW, None);
         let pending = pending.unwrap();
         for d in [
             on_check_reply(&c, &pending, 14, None, &store, NOW),
@@ -323,7 +344,7 @@ fn a_custom_credential_header_is_removed_when_authorization_is_set() {
     let token = workload_token(NOW + 3600);
     let credential = format!("Bearer {token}");
     let request = request_with(&[("x-workload-token", credential.as_bytes())]);
-    let (d, pending) = on_request(&c, &request, &store, NOW);
+    let (d, pending) = on_request(&c, &request, &store, NOW, None);
     let Step::Dispatch { message, .. } = d.step else {
         panic!()
     };
@@ -351,7 +372,7 @@ fn a_custom_credential_header_is_removed_when_authorization_is_set() {
 fn unparseable_credentials_are_checked_but_never_cached() {
     let c = config("");
     let store = MemoryStore::default();
-    let (d, pending) = on_request(&c, &headers(Some("Basic abc")), &store, NOW);
+    let (d, pending) = on_request(&c, &headers(Some("Basic abc")), &store, NOW, None);
     assert_eq!(d.counters, [Counter::Requests]);
     assert!(matches!(d.step, Step::Dispatch { .. }));
     on_check_reply(
@@ -394,7 +415,7 @@ fn a_credential_that_is_not_utf8_or_repeated_is_malformed_without_a_check() {
             ("authorization", token.as_bytes()),
         ]),
     ] {
-        let (d, pending) = on_request(&c, &request, &store, NOW);
+        let (d, pending) = on_request(&c, &request, &store, NOW, None);
         assert!(pending.is_none(), "no Check");
         assert_eq!(d.counters, [Counter::Requests, Counter::Denied]);
         assert_eq!(
@@ -417,7 +438,7 @@ fn other_headers_that_are_not_utf8_are_passed_over() {
         ("x-request-id", b"\xff"),
         ("authorization", token.as_bytes()),
     ]);
-    let (d, pending) = on_request(&c, &request, &MemoryStore::default(), NOW);
+    let (d, pending) = on_request(&c, &request, &MemoryStore::default(), NOW, None);
     assert!(pending.is_some());
     let Step::Dispatch { message, .. } = d.step else {
         panic!("{:?}", d.step)
@@ -437,14 +458,14 @@ fn requests_for_other_hosts_pass_untouched_and_unread() {
             (":authority", authority),
             ("authorization", b"Bearer someone-elses"),
         ]);
-        let (d, pending) = on_request(&c, &request, &store, NOW);
+        let (d, pending) = on_request(&c, &request, &store, NOW, None);
         assert!(pending.is_none());
         assert_eq!(d.counters, [Counter::Requests, Counter::OtherHost]);
         assert_eq!(d.step, Step::Continue(vec![]), "nothing removed");
     }
     for authority in [&b"mgmt.example.com:443"[..], b"a.mgmt.example.com"] {
         let request = Headers::from_pairs(&[(":authority", authority)]);
-        let (d, _) = on_request(&c, &request, &store, NOW);
+        let (d, _) = on_request(&c, &request, &store, NOW, None);
         assert_eq!(respond(&d).0, 401, "ours: a missing token is refused");
     }
 }
@@ -463,13 +484,13 @@ fn an_entry_serves_for_the_smaller_of_max_age_and_the_companions_limit() {
     ] {
         let c = config(&format!(r#","cache":{{"max_age_s":{max_age}}}"#));
         let store = MemoryStore::default();
-        let (_, pending) = on_request(&c, &request, &store, NOW);
+        let (_, pending) = on_request(&c, &request, &store, NOW, None);
         let body = match reuse {
             Some(r) => ok_reply_reusable_for(&exchanged, r),
             None => ok_reply(&exchanged),
         };
         on_check_reply(&c, &pending.unwrap(), 0, Some(&body), &store, NOW);
-        let hit = |at: u64| on_request(&c, &request, &store, at).1.is_none();
+        let hit = |at: u64| on_request(&c, &request, &store, at, None).1.is_none();
         let case = format!("max_age {max_age}, reuse {reuse:?}");
         if served_for > 0 {
             assert!(hit(NOW + served_for - 1), "{case}: served");

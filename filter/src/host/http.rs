@@ -159,7 +159,12 @@ impl HttpContext for RequestContext {
             return self.perform(failure, None);
         };
         let plugin = self.plugin.clone();
-        let (decision, pending) = flow::on_request(&plugin.config, &headers, &plugin.cache, now());
+        // Envoy's `source.address` property: "ip:port" text (brackets for IPv6).
+        let peer = abi::property(&["source", "address"])
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|text| text.parse().ok());
+        let (decision, pending) =
+            flow::on_request(&plugin.config, &headers, &plugin.cache, now(), peer);
         self.perform(decision, pending)
     }
 }

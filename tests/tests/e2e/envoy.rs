@@ -233,7 +233,74 @@ on_both_paths!(
     api_servers_down_or_slow_are_service_unavailable,
     companion_503_and_429_denials_hold_even_with_fail_open,
     five_hundred_requests_at_32_in_flight_all_get_their_own_identity,
+    one_client_flooding_forged_tokens_leaves_the_review_turns_of_others,
 );
+
+/// A client at 127.0.0.2 sends 40 forged tokens at once (the workload issuer, keys it
+/// never published: each needs a TokenReview, slowed to 400 ms); a client at 127.0.0.3
+/// with a real token that was never reviewed still gets its turn at once. Envoy names
+/// the client in the CheckRequest's `source` (ext_authz), the filter from its
+/// `source.address` property.
+async fn one_client_flooding_forged_tokens_leaves_the_review_turns_of_others(
+    path: Path,
+) -> Result<()> {
+    const FLOOD: usize = 40;
+    let limits = [
+        "--review-max-in-flight",
+        "8",
+        "--review-max-in-flight-per-source",
+        "2",
+    ];
+    let stage = Stage::start(path, &limits).await?;
+    let forger = FakeCluster::builder("forger")
+        .issuer(stage.world.workload.issuer())
+        .signing_key(3)
+        .start()
+        .await?;
+    stage.world.workload.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenReview),
+        delay: Duration::from_millis(400),
+    });
+    let addr = stage.envoy.addr;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..FLOOD {
+        let sa = forger.add_service_account("app-prod", &format!("sa-{i}"));
+        let header = format!("Bearer {}", forger.mint(&sa).sign());
+        flood.spawn(async move {
+            let mut connection = http::Connection::open_from(addr, [127, 0, 0, 2].into()).await?;
+            anyhow::Ok(
+                connection
+                    .get("/", &[("authorization", &header)])
+                    .await?
+                    .status,
+            )
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = stage.world.workload_token(Duration::from_secs(3600));
+    let mut other = http::Connection::open_from(addr, [127, 0, 0, 3].into()).await?;
+    let reply = other
+        .get("/", &[("authorization", &format!("Bearer {token}"))])
+        .await?;
+    assert_eq!(
+        reply.status, 200,
+        "the other client was starved: {}",
+        reply.body
+    );
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    while let Some(status) = flood.join_next().await {
+        *statuses.entry(status??).or_default() += 1;
+    }
+    assert!(
+        statuses.keys().all(|s| [401, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) >= FLOOD / 2,
+        "the flooding client keeps to its share: {statuses:?}"
+    );
+    Ok(())
+}
 
 /// An address where nothing listens (bound, then released).
 pub async fn dead_address() -> Result<SocketAddr> {
