@@ -49,8 +49,9 @@ fmt: ## format the code
 demo: build envoy ## two fake clusters, the companion, Envoy (both paths) and a real exchange, explained
 	$(CARGO) run --locked -q -p tokensmith-tests --bin demo
 
-wasmplugin: build ## package the filter as an OCI image layout in target/wasmplugin-oci
+wasmplugin: build ## package the filter: OCI image layout in target/wasmplugin-oci, Docker context in target/wasmplugin-context
 	wasmplugin/package.sh $(WASM) target/wasmplugin-oci
+	wasmplugin/package.sh --docker-context $(WASM) target/wasmplugin-context
 
 bench: toolchain envoy ## bounded load run on 127.0.0.1: companion and Envoy, both paths (README "Performance")
 	$(CARGO) run --release --locked -q -p tokensmith-tests --bin tokensmith-load -- --requests 3000 --concurrency 32

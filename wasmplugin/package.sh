@@ -6,8 +6,20 @@
 #   wasmplugin/package.sh WASM OUT_DIR [TAG]
 #   skopeo copy oci:OUT_DIR:TAG docker://REGISTRY/tokensmith-filter:TAG
 #   # or: oras cp --from-oci-layout OUT_DIR:TAG REGISTRY/tokensmith-filter:TAG
+#
+# Or the build context of wasmplugin/Dockerfile, holding plugin.wasm and nothing else:
+#   wasmplugin/package.sh --docker-context WASM DIR
+#   docker build -f wasmplugin/Dockerfile -t REGISTRY/tokensmith-filter:TAG DIR
 set -euo pipefail
-[ $# -ge 2 ] || { echo "usage: $0 WASM OUT_DIR [TAG]" >&2; exit 64; }
+if [ "${1:-}" = --docker-context ]; then
+  [ $# -eq 3 ] || { echo "usage: $0 --docker-context WASM DIR" >&2; exit 64; }
+  [ -f "$2" ] || { echo "$2: no such file (run make build)" >&2; exit 1; }
+  rm -rf "$3"
+  mkdir -p "$3"
+  cp "$2" "$3/plugin.wasm"
+  exit 0
+fi
+[ $# -ge 2 ] || { echo "usage: $0 WASM OUT_DIR [TAG] | --docker-context WASM DIR" >&2; exit 64; }
 wasm=$1 out=$2 tag=${3:-0.1.0}
 [ -f "$wasm" ] || { echo "$wasm: no such file (run make build)" >&2; exit 1; }
 

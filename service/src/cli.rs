@@ -121,8 +121,8 @@ pub struct AuthzArgs {
     /// cannot take every API-server slot.
     #[arg(long, env = "TOKENSMITH_REVIEW_MAX_IN_FLIGHT", default_value_t = 16)]
     pub review_max_in_flight: usize,
-    /// Of those, most for one client address (an IPv6 /64 counts as one; 0 = no share);
-    /// past it that client's checks wait the same 0.5 s, then 429.
+    /// A client address's share of those (an IPv6 /64 counts as one; 0 = none): a client
+    /// past its share may use idle turns, but waits behind every client within theirs.
     #[arg(
         long,
         env = "TOKENSMITH_REVIEW_MAX_IN_FLIGHT_PER_SOURCE",

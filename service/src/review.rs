@@ -22,7 +22,7 @@ use crate::{
     metrics::{self, CacheLabels},
     secret::BearerToken,
 };
-use turns::{Busy, Turns};
+use turns::Turns;
 
 /// Most tokens whose review is remembered at once.
 const VALIDATION_CACHE_ENTRIES: u64 = 100_000;
@@ -192,16 +192,15 @@ impl Reviewer {
         // A short wait absorbs ordinary bursts; past it the caller hears 429 at once
         // instead of queueing behind a flood until its deadline.
         let _turn = self.turns.take(source, TURN_WAIT).await.map_err(|busy| {
-            let which = match busy {
-                Busy::Cluster => "--review-max-in-flight TokenReviews in flight for the cluster",
-                Busy::Source => {
-                    "--review-max-in-flight-per-source TokenReviews in flight for this source"
-                }
+            let whose = if busy.past_share {
+                "; this client is past its --review-max-in-flight-per-source share"
+            } else {
+                ""
             };
             Denial {
                 reason: DenyReason::Throttled(1),
                 detail: Some(format!(
-                    "{which} (workload cluster {:?}) for {TURN_WAIT:?}",
+                    "--review-max-in-flight TokenReviews in flight for cluster {:?} for {TURN_WAIT:?}{whose}",
                     &*self.cluster
                 )),
             }

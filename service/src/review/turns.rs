@@ -1,26 +1,22 @@
 //! Turns for TokenReviews of one workload cluster: at most `--review-max-in-flight` at
-//! once, and at most `--review-max-in-flight-per-source` of those for one source address,
-//! so one client sending well-formed junk cannot take every turn from the others.
+//! once. A client (source address) within its `--review-max-in-flight-per-source` share
+//! is served before any client past its own, so one client sending well-formed junk can
+//! take idle turns but never keeps another client waiting for more than one review.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv6Addr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
-use tokio::{
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
-    time::Instant,
-};
+use tokio::{sync::oneshot, time::Instant};
 
-/// Why no turn was had within the wait.
+/// No turn came within the wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Busy {
-    /// Every turn of the cluster was taken.
-    Cluster,
-    /// The source held its whole share.
-    Source,
+pub struct Busy {
+    /// Whether the client was past its share (so clients within theirs went first).
+    pub past_share: bool,
 }
 
 /// Who asks, as far as sharing goes: an IPv4 address, or an IPv6 /64 (one host can
@@ -43,107 +39,121 @@ impl SourceKey {
     }
 }
 
+/// Waiters within their share (`[0]`) are handed a freed turn before those past it.
 #[derive(Debug, Default)]
-struct Shares {
-    /// Turns held per source; an entry exists only while it holds one, so the map is
-    /// bounded by the cluster's turns.
-    held: Mutex<HashMap<SourceKey, usize>>,
-    /// Woken whenever a source gives a turn back.
-    freed: Notify,
+struct State {
+    free: usize,
+    waiting: [VecDeque<oneshot::Sender<()>>; 2],
+    /// Per source: turns held or waited for. An entry exists only while non-zero, so the
+    /// map is bounded by turns and waiters.
+    claimed: HashMap<SourceKey, usize>,
+}
+
+impl State {
+    fn claim(&mut self, key: SourceKey) {
+        *self.claimed.entry(key).or_insert(0) += 1;
+    }
+
+    fn unclaim(&mut self, key: SourceKey) {
+        if let Some(count) = self.claimed.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.claimed.remove(&key);
+            }
+        }
+    }
+
+    /// Hands a freed turn to the first live waiter, within-share ones first.
+    fn hand_over(&mut self) {
+        for queue in &mut self.waiting {
+            while let Some(waiter) = queue.pop_front() {
+                if waiter.send(()).is_ok() {
+                    return;
+                }
+            }
+        }
+        self.free += 1;
+    }
 }
 
 /// The turns of one cluster. Clones share them.
 #[derive(Debug, Clone)]
 pub struct Turns {
-    cluster: Arc<Semaphore>,
+    state: Arc<Mutex<State>>,
     per_source: usize,
-    shares: Arc<Shares>,
 }
 
-/// A held turn; given back when dropped.
+/// A held turn; handed on when dropped.
 #[derive(Debug)]
 pub struct Turn {
-    _cluster: OwnedSemaphorePermit,
-    _source: Option<SourceTurn>,
+    state: Arc<Mutex<State>>,
+    source: Option<SourceKey>,
 }
 
-#[derive(Debug)]
-struct SourceTurn {
-    key: SourceKey,
-    shares: Arc<Shares>,
-}
-
-impl Drop for SourceTurn {
+impl Drop for Turn {
     fn drop(&mut self) {
-        {
-            let mut held = self
-                .shares
-                .held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(count) = held.get_mut(&self.key) {
-                *count -= 1;
-                if *count == 0 {
-                    held.remove(&self.key);
-                }
-            }
+        let mut state = lock(&self.state);
+        if let Some(key) = self.source {
+            state.unclaim(key);
         }
-        self.shares.freed.notify_waiters();
+        state.hand_over();
     }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Turns {
-    /// `max_in_flight` turns, `per_source` of them at most for one source (0: no share).
+    /// `max_in_flight` turns; a client past `per_source` of them waits behind the others
+    /// (0: no shares, first come first served).
     pub fn new(max_in_flight: usize, per_source: usize) -> Self {
         Turns {
-            cluster: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            state: Arc::new(Mutex::new(State {
+                free: max_in_flight.max(1),
+                ..State::default()
+            })),
             per_source,
-            shares: Arc::default(),
         }
     }
 
-    /// Waits at most `wait` for a turn: first the source's share (when `source` is known
-    /// and shares are on), then one of the cluster's.
+    /// Waits at most `wait` for a turn. A free turn is taken at once by anyone.
     pub async fn take(&self, source: Option<IpAddr>, wait: Duration) -> Result<Turn, Busy> {
         let until = Instant::now() + wait;
-        let source = match source {
-            Some(ip) if self.per_source > 0 => {
-                Some(self.source_turn(SourceKey::of(ip), until).await?)
+        let key = source.filter(|_| self.per_source > 0).map(SourceKey::of);
+        let (mut handed, past_share) = {
+            let mut state = lock(&self.state);
+            let past_share =
+                key.is_some_and(|k| state.claimed.get(&k).copied().unwrap_or(0) >= self.per_source);
+            if let Some(k) = key {
+                state.claim(k);
             }
-            _ => None,
+            if state.free > 0 {
+                state.free -= 1;
+                return Ok(self.turn(key));
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiting[usize::from(past_share)].push_back(tx);
+            (rx, past_share)
         };
-        let cluster = tokio::time::timeout_at(until, self.cluster.clone().acquire_owned())
-            .await
-            .map_err(|_| Busy::Cluster)?
-            .map_err(|_| Busy::Cluster)?;
-        Ok(Turn {
-            _cluster: cluster,
-            _source: source,
-        })
+        if tokio::time::timeout_at(until, &mut handed).await.is_ok() {
+            return Ok(self.turn(key));
+        }
+        // Too late, unless the turn was handed over just now: then it is ours to use.
+        handed.close();
+        if handed.try_recv().is_ok() {
+            return Ok(self.turn(key));
+        }
+        if let Some(k) = key {
+            lock(&self.state).unclaim(k);
+        }
+        Err(Busy { past_share })
     }
 
-    async fn source_turn(&self, key: SourceKey, until: Instant) -> Result<SourceTurn, Busy> {
-        loop {
-            // Registered before the check, so a turn given back in between still wakes us.
-            let freed = self.shares.freed.notified();
-            {
-                let mut held = self
-                    .shares
-                    .held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let count = held.entry(key).or_insert(0);
-                if *count < self.per_source {
-                    *count += 1;
-                    return Ok(SourceTurn {
-                        key,
-                        shares: self.shares.clone(),
-                    });
-                }
-            }
-            if tokio::time::timeout_at(until, freed).await.is_err() {
-                return Err(Busy::Source);
-            }
+    fn turn(&self, source: Option<SourceKey>) -> Turn {
+        Turn {
+            state: self.state.clone(),
+            source,
         }
     }
 }
@@ -158,68 +168,94 @@ mod tests {
         Some(text.parse().unwrap())
     }
 
-    #[tokio::test]
-    async fn one_source_gets_its_share_and_the_others_the_rest() {
-        let turns = Turns::new(4, 2);
-        let a1 = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
-        let _a2 = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
-        assert_eq!(
-            turns.take(ip("10.0.0.1"), WAIT).await.unwrap_err(),
-            Busy::Source
-        );
-        let _b1 = turns.take(ip("10.0.0.2"), WAIT).await.unwrap();
-        let _b2 = turns.take(ip("10.0.0.2"), WAIT).await.unwrap();
-        // The cluster is full now, whoever asks.
-        assert_eq!(
-            turns.take(ip("10.0.0.3"), WAIT).await.unwrap_err(),
-            Busy::Cluster
-        );
-        assert_eq!(turns.take(None, WAIT).await.unwrap_err(), Busy::Cluster);
-        drop(a1);
-        let _a3 = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+    fn waiter(turns: &Turns, source: &str) -> tokio::task::JoinHandle<Result<Turn, Busy>> {
+        let (turns, source) = (turns.clone(), ip(source));
+        tokio::spawn(async move { turns.take(source, Duration::from_secs(5)).await })
     }
 
     #[tokio::test]
-    async fn a_waiting_source_gets_the_turn_its_own_request_gives_back() {
-        let turns = Turns::new(4, 1);
-        let held = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
-        let waiter = {
-            let turns = turns.clone();
-            tokio::spawn(async move { turns.take(ip("10.0.0.1"), Duration::from_secs(5)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(held);
-        assert!(waiter.await.unwrap().is_ok());
-        assert!(turns.shares.held.lock().unwrap().len() <= 1);
-    }
-
-    #[tokio::test]
-    async fn an_ipv6_64_is_one_source_and_mapped_ipv4_is_its_ipv4() {
-        let turns = Turns::new(4, 1);
-        let _a = turns.take(ip("2001:db8:1:2::1"), WAIT).await.unwrap();
-        assert_eq!(
-            turns
-                .take(ip("2001:db8:1:2:ffff::9"), WAIT)
+    async fn idle_turns_go_to_anyone_and_none_left_is_busy() {
+        let turns = Turns::new(3, 1);
+        let _held: Vec<Turn> =
+            futures::future::try_join_all((0..3).map(|_| turns.take(ip("10.0.0.1"), WAIT)))
                 .await
-                .unwrap_err(),
-            Busy::Source
-        );
-        assert!(turns.take(ip("2001:db8:1:3::1"), WAIT).await.is_ok());
-        let _v4 = turns.take(ip("192.0.2.7"), WAIT).await.unwrap();
-        assert_eq!(
-            turns.take(ip("::ffff:192.0.2.7"), WAIT).await.unwrap_err(),
-            Busy::Source
-        );
-    }
-
-    #[tokio::test]
-    async fn without_shares_only_the_cluster_bound_applies() {
-        let turns = Turns::new(2, 0);
-        let _a = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
-        let _b = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+                .unwrap();
         assert_eq!(
             turns.take(ip("10.0.0.2"), WAIT).await.unwrap_err(),
-            Busy::Cluster
+            Busy { past_share: false }
         );
+        assert_eq!(
+            turns.take(ip("10.0.0.1"), WAIT).await.unwrap_err(),
+            Busy { past_share: true }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_freed_turn_goes_to_a_client_within_its_share_first() {
+        let turns = Turns::new(2, 1);
+        let first = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+        let _second = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+        // The flooding client queued first, the other client after it.
+        let flood = waiter(&turns, "10.0.0.1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = waiter(&turns, "10.0.0.2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        let _other = other
+            .await
+            .unwrap()
+            .expect("the other client is served first");
+        assert!(!flood.is_finished());
+        flood.abort();
+    }
+
+    #[tokio::test]
+    async fn turns_are_not_lost_to_waiters_that_give_up() {
+        let turns = Turns::new(2, 1);
+        for _ in 0..50 {
+            let held = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+            let late = tokio::spawn({
+                let turns = turns.clone();
+                async move { turns.take(ip("10.0.0.2"), Duration::from_millis(1)).await }
+            });
+            let _also = turns.take(ip("10.0.0.3"), WAIT).await;
+            drop(held);
+            let _ = late.await;
+        }
+        let _a = turns.take(ip("10.0.0.4"), Duration::ZERO).await.unwrap();
+        let _b = turns.take(ip("10.0.0.5"), Duration::ZERO).await.unwrap();
+        assert!(lock(&turns.state).claimed.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_64_is_one_client_and_mapped_ipv4_is_its_ipv4() {
+        assert_eq!(
+            SourceKey::of("2001:db8:1:2::1".parse().unwrap()),
+            SourceKey::of("2001:db8:1:2:ffff::9".parse().unwrap())
+        );
+        assert_ne!(
+            SourceKey::of("2001:db8:1:2::1".parse().unwrap()),
+            SourceKey::of("2001:db8:1:3::1".parse().unwrap())
+        );
+        assert_eq!(
+            SourceKey::of("::ffff:192.0.2.7".parse().unwrap()),
+            SourceKey::of("192.0.2.7".parse().unwrap())
+        );
+    }
+
+    #[tokio::test]
+    async fn without_shares_it_is_first_come_first_served() {
+        let turns = Turns::new(1, 0);
+        let first = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+        let flood = waiter(&turns, "10.0.0.1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = waiter(&turns, "10.0.0.2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        let _flood = flood
+            .await
+            .unwrap()
+            .expect("the first waiter is served first");
+        other.abort();
     }
 }

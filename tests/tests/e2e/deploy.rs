@@ -16,8 +16,9 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Container, Namespace, Secret, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -67,11 +68,15 @@ const KUBERNETES_KINDS: &[(&str, &str)] = &[
     ("policy/v1", "PodDisruptionBudget"),
     ("rbac.authorization.k8s.io/v1", "ClusterRole"),
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 ];
 /// Kinds without a Rust type here; the tests below check their fields one by one.
 const CHECKED_BY_HAND: &[(&str, &str)] = &[
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
     ("kustomize.config.k8s.io/v1alpha1", "Component"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("security.istio.io/v1", "AuthorizationPolicy"),
     ("security.istio.io/v1", "PeerAuthentication"),
     ("networking.istio.io/v1", "Gateway"),
@@ -500,6 +505,10 @@ fn every_kubernetes_object_survives_a_round_trip_through_its_k8s_openapi_type() 
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 doc.typed::<ClusterRoleBinding>().map(|_| ())
             }
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                doc.typed::<RoleBinding>().map(|_| ())
+            }
+            ("networking.k8s.io/v1", "NetworkPolicy") => doc.typed::<NetworkPolicy>().map(|_| ()),
             _ => continue,
         };
         checked?;
@@ -620,9 +629,13 @@ fn the_companion_is_probed_over_grpc_health_on_the_port_its_service_targets() ->
     let service: Service = find(&docs, "deploy/service.yaml", "Service", "tokensmith")?.typed()?;
     let spec = service.spec.context("Service without spec")?;
     let service_ports = spec.ports.unwrap_or_default();
+    let names: Vec<&str> = service_ports
+        .iter()
+        .map(|p| p.name.as_deref().unwrap_or(""))
+        .collect();
     ensure!(
-        service_ports.len() == 1,
-        "Service must expose exactly the gRPC port"
+        names == ["grpc", "http-metrics"],
+        "Service must expose the gRPC and the metrics port: {names:?}"
     );
     let service_port = &service_ports[0];
     ensure!(
@@ -647,6 +660,44 @@ fn the_companion_is_probed_over_grpc_health_on_the_port_its_service_targets() ->
         selects(&selector, &pod_labels(&deployment)),
         "Service selector {selector:?} misses the pods"
     );
+
+    // Metrics: the companion's default --metrics-addr port, exposed, annotated for
+    // Prometheus (and Istio's metrics merge).
+    ensure!(
+        flag(&container, "metrics-addr").is_none(),
+        "the metrics port below assumes the default --metrics-addr"
+    );
+    let metrics = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("http-metrics"))
+        .context("no container port named http-metrics")?;
+    ensure!(
+        metrics.container_port == 9090,
+        "metrics port {}",
+        metrics.container_port
+    );
+    let service_metrics = &service_ports[1];
+    ensure!(
+        service_metrics.port == 9090
+            && service_metrics.target_port == Some(IntOrString::String("http-metrics".into())),
+        "Service metrics port: {service_metrics:?}"
+    );
+    let annotations = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    for (key, want) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "9090"),
+        ("prometheus.io/path", "/metrics"),
+    ] {
+        ensure!(
+            annotations.get(key).map(String::as_str) == Some(want),
+            "pod annotation {key} must be {want:?}"
+        );
+    }
     Ok(())
 }
 
@@ -848,10 +899,16 @@ fn rule(group: &str, resource: &str, verb: &str) -> PolicyRule {
 }
 
 #[test]
-fn the_companion_may_mint_service_account_tokens_in_the_management_cluster_and_nothing_else()
--> Result<()> {
+fn the_companion_may_mint_tokens_only_in_the_listed_namespaces_and_do_nothing_else() -> Result<()> {
     let docs = manifests()?;
-    let (rules, subjects) = granted(&docs, "deploy/rbac.yaml", "tokensmith-tokenrequest")?;
+    let role: ClusterRole = find(
+        &docs,
+        "deploy/rbac.yaml",
+        "ClusterRole",
+        "tokensmith-tokenrequest",
+    )?
+    .typed()?;
+    let rules = role.rules.unwrap_or_default();
     ensure!(
         rules == vec![rule("", "serviceaccounts/token", "create")],
         "unexpected rules: {rules:?}"
@@ -859,30 +916,99 @@ fn the_companion_may_mint_service_account_tokens_in_the_management_cluster_and_n
     let deployment = deployment(&docs)?;
     let namespace = deployment.metadata.namespace.clone().unwrap_or_default();
     ensure!(
-        subjects
-            == vec![(
-                "ServiceAccount".to_owned(),
-                namespace.clone(),
-                "tokensmith".to_owned()
-            )],
-        "tokensmith-tokenrequest must be bound to {namespace}/tokensmith alone: {subjects:?}"
+        namespace == "tokensmith-system",
+        "the companion must live in tokensmith-system"
     );
+    let companion_sa = (
+        "ServiceAccount".to_owned(),
+        namespace.clone(),
+        "tokensmith".to_owned(),
+    );
+    // Outside components/, nothing binds the role cluster-wide.
+    for doc in docs
+        .iter()
+        .filter(|d| !d.file.starts_with("deploy/components/"))
+    {
+        if doc.kind() == "ClusterRoleBinding" {
+            let binding: ClusterRoleBinding = doc.typed()?;
+            ensure!(
+                binding.role_ref.name != "tokensmith-tokenrequest",
+                "{doc}: token minting granted cluster-wide"
+            );
+        }
+    }
+    let bindings: Vec<RoleBinding> = docs
+        .iter()
+        .filter(|d| d.file == "deploy/token-namespaces.yaml")
+        .map(Doc::typed::<RoleBinding>)
+        .collect::<Result<_>>()?;
+    ensure!(
+        !bindings.is_empty(),
+        "token-namespaces.yaml lists no namespace"
+    );
+    for binding in &bindings {
+        let ns = binding.metadata.namespace.clone().unwrap_or_default();
+        ensure!(
+            ![
+                "kube-system",
+                "kube-public",
+                "kube-node-lease",
+                "istio-system",
+                "tokensmith-system",
+                ""
+            ]
+            .contains(&ns.as_str()),
+            "token-namespaces.yaml opens {ns:?}"
+        );
+        ensure!(
+            binding.role_ref.kind == "ClusterRole"
+                && binding.role_ref.name == "tokensmith-tokenrequest"
+                && binding.role_ref.api_group == "rbac.authorization.k8s.io",
+            "{ns}: binds {:?}",
+            binding.role_ref
+        );
+        let subjects: Vec<(String, String, String)> = binding
+            .subjects
+            .iter()
+            .flatten()
+            .map(|s| {
+                (
+                    s.kind.clone(),
+                    s.namespace.clone().unwrap_or_default(),
+                    s.name.clone(),
+                )
+            })
+            .collect();
+        ensure!(
+            subjects == [companion_sa.clone()],
+            "{ns}: subjects {subjects:?}"
+        );
+    }
     find(
         &docs,
         "deploy/serviceaccount.yaml",
         "ServiceAccount",
         "tokensmith",
     )?;
-    ensure!(
-        namespace == "tokensmith-system",
-        "the companion must live in tokensmith-system"
-    );
     find(
         &docs,
         "deploy/namespace.yaml",
         "Namespace",
         "tokensmith-system",
     )?;
+
+    // The opt-in component binds it cluster-wide, to the companion alone.
+    let (rules, subjects) = granted(&docs, "deploy/rbac.yaml", "tokensmith-tokenrequest")?;
+    ensure!(rules == vec![rule("", "serviceaccounts/token", "create")]);
+    ensure!(subjects == [companion_sa], "{subjects:?}");
+    let Some(rendered) = kustomize_with(&["cluster-wide-token-minting"])? else {
+        return Ok(());
+    };
+    ensure!(
+        kinds(&rendered).get("ClusterRoleBinding") == Some(&1),
+        "{:?}",
+        kinds(&rendered)
+    );
     Ok(())
 }
 
@@ -1181,27 +1307,20 @@ fn only_the_ingress_gateway_identity_may_call_the_companion_over_strict_mtls() -
         !rules.is_empty(),
         "{policy}: an ALLOW policy without rules admits nobody"
     );
-    for rule in rules {
-        let sources = rule["from"]
-            .as_array()
-            .context("a rule without `from` admits every caller")?;
-        for source in sources {
-            ensure!(
-                source["source"] == serde_json::json!({ "principals": [GATEWAY_PRINCIPAL] }),
-                "{policy}: a source other than the gateway's principal: {source}"
-            );
-        }
-        let ports: Vec<&Value> = rule["to"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| &t["operation"]["ports"])
-            .collect();
-        ensure!(
-            ports.iter().all(|p| **p == serde_json::json!(["9001"])),
-            "{policy}: rules must be limited to port 9001"
-        );
-    }
+    // Exactly two kinds of caller: the gateway, for Check on 9001; namespace
+    // `monitoring`, for GET /metrics on 9090.
+    let check = serde_json::json!({
+        "from": [{"source": {"principals": [GATEWAY_PRINCIPAL]}}],
+        "to": [{"operation": {"ports": ["9001"], "paths": ["/envoy.service.auth.v3.Authorization/Check"]}}],
+    });
+    let scrape = serde_json::json!({
+        "from": [{"source": {"namespaces": ["monitoring"]}}],
+        "to": [{"operation": {"ports": ["9090"], "methods": ["GET"], "paths": ["/metrics"]}}],
+    });
+    ensure!(
+        *rules == [check, scrape],
+        "{policy}: rules must admit the gateway's Check and monitoring's scrape alone: {rules:?}"
+    );
 
     // mTLS and the policy need a sidecar in front of the companion.
     let namespace = find(
@@ -1222,14 +1341,16 @@ fn kubectl_kustomize_renders_the_management_workload_and_istio_installs() -> Res
     let Some(base) = kustomize("deploy")? else {
         return Ok(());
     };
+    // No ClusterRoleBinding: token minting is granted per namespace.
     let expected = count(&[
         ("Namespace", 1),
         ("ServiceAccount", 1),
         ("ClusterRole", 1),
-        ("ClusterRoleBinding", 1),
+        ("RoleBinding", 1),
         ("Service", 1),
         ("Deployment", 1),
         ("PodDisruptionBudget", 1),
+        ("NetworkPolicy", 1),
     ]);
     ensure!(
         kinds(&base) == expected,
@@ -1288,7 +1409,11 @@ fn kubectl_kustomize_renders_the_management_workload_and_istio_installs() -> Res
 /// `components`, through an overlay written under `target/` (kustomize refuses absolute
 /// paths and bases outside the overlay's tree only for files).
 fn kustomize_with(components: &[&str]) -> Result<Option<Vec<Value>>> {
-    let dir = format!("target/deploy-overlay-{}", std::process::id());
+    let dir = format!(
+        "target/deploy-overlay-{}-{}",
+        std::process::id(),
+        components.join("-")
+    );
     let overlay = repo_root().join(&dir);
     std::fs::create_dir_all(&overlay)?;
     let mut text = "resources:\n- ../../deploy\ncomponents:\n".to_owned();
@@ -1494,5 +1619,346 @@ fn durations_parse_the_way_istio_and_the_companion_write_them() -> Result<()> {
         parse_duration("3").is_err() && parse_duration("3d").is_err(),
         "a unit is required"
     );
+    Ok(())
+}
+
+#[test]
+fn the_network_admits_the_gateway_and_monitoring_and_lets_out_dns_istiod_and_the_api_servers()
+-> Result<()> {
+    let docs = manifests()?;
+    let policy: NetworkPolicy = find(
+        &docs,
+        "deploy/networkpolicy.yaml",
+        "NetworkPolicy",
+        "tokensmith",
+    )?
+    .typed()?;
+    ensure!(policy.metadata.namespace.as_deref() == Some("tokensmith-system"));
+    let spec = policy.spec.context("no spec")?;
+    let selector = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    ensure!(
+        selects(&selector, &pod_labels(&deployment(&docs)?)),
+        "the policy does not select the companion's pods"
+    );
+    ensure!(
+        spec.policy_types == Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+        "both directions must be restricted: {:?}",
+        spec.policy_types
+    );
+    // Each rule as (peer namespace, peer pod labels or ipBlock, ports).
+    type Peer = (String, BTreeMap<String, String>, String);
+    fn peers(list: &[k8s_openapi::api::networking::v1::NetworkPolicyPeer]) -> Vec<Peer> {
+        list.iter()
+            .map(|p| {
+                let ns = p
+                    .namespace_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.as_ref())
+                    .and_then(|l| l.get("kubernetes.io/metadata.name").cloned())
+                    .unwrap_or_default();
+                let pods = p
+                    .pod_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.clone())
+                    .unwrap_or_default();
+                let block = p
+                    .ip_block
+                    .as_ref()
+                    .map(|b| b.cidr.clone())
+                    .unwrap_or_default();
+                (ns, pods.into_iter().collect(), block)
+            })
+            .collect()
+    }
+    fn ports(list: &[k8s_openapi::api::networking::v1::NetworkPolicyPort]) -> Vec<String> {
+        list.iter()
+            .map(|p| {
+                let port = match &p.port {
+                    Some(IntOrString::Int(n)) => n.to_string(),
+                    Some(IntOrString::String(s)) => s.clone(),
+                    None => "any".to_owned(),
+                };
+                format!("{port}/{}", p.protocol.as_deref().unwrap_or("TCP"))
+            })
+            .collect()
+    }
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let ingress: Vec<(Vec<Peer>, Vec<String>)> = spec
+        .ingress
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            (
+                peers(r.from.as_deref().unwrap_or(&[])),
+                ports(r.ports.as_deref().unwrap_or(&[])),
+            )
+        })
+        .collect();
+    ensure!(
+        ingress
+            == vec![
+                (
+                    vec![(
+                        "istio-system".to_owned(),
+                        labels(&[("istio", "ingressgateway")]),
+                        String::new()
+                    )],
+                    vec!["9001/TCP".to_owned()]
+                ),
+                (
+                    vec![("monitoring".to_owned(), BTreeMap::new(), String::new())],
+                    vec!["9090/TCP".to_owned(), "15020/TCP".to_owned()]
+                ),
+            ],
+        "ingress: {ingress:?}"
+    );
+    let egress: Vec<(Vec<Peer>, Vec<String>)> = spec
+        .egress
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            (
+                peers(r.to.as_deref().unwrap_or(&[])),
+                ports(r.ports.as_deref().unwrap_or(&[])),
+            )
+        })
+        .collect();
+    let dns = (
+        vec![(
+            "kube-system".to_owned(),
+            labels(&[("k8s-app", "kube-dns")]),
+            String::new(),
+        )],
+        vec!["53/UDP".to_owned(), "53/TCP".to_owned()],
+    );
+    let istiod = (
+        vec![(
+            "istio-system".to_owned(),
+            labels(&[("app", "istiod")]),
+            String::new(),
+        )],
+        vec!["15012/TCP".to_owned()],
+    );
+    ensure!(
+        egress.len() == 4,
+        "egress: DNS, istiod and two API servers: {egress:?}"
+    );
+    ensure!(
+        egress[0] == dns && egress[1] == istiod,
+        "egress: {egress:?}"
+    );
+    for rule in &egress[2..] {
+        let [(ns, pods, cidr)] = rule.0.as_slice() else {
+            bail!("an API server rule names one address: {rule:?}");
+        };
+        ensure!(
+            ns.is_empty() && pods.is_empty() && cidr.ends_with("/32"),
+            "an API server is one address: {rule:?}"
+        );
+        ensure!(rule.1 == ["6443/TCP"], "{rule:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_namespace_enforces_pod_security_restricted_and_the_companion_complies() -> Result<()> {
+    let docs = manifests()?;
+    let namespace: Namespace = find(
+        &docs,
+        "deploy/namespace.yaml",
+        "Namespace",
+        "tokensmith-system",
+    )?
+    .typed()?;
+    let labels = namespace.metadata.labels.unwrap_or_default();
+    for mode in ["enforce", "warn", "audit"] {
+        let key = format!("pod-security.kubernetes.io/{mode}");
+        ensure!(
+            labels.get(&key).map(String::as_str) == Some("restricted"),
+            "{key} must be restricted"
+        );
+    }
+    // The restricted profile's checks, on the companion's pod.
+    let deployment = deployment(&docs)?;
+    let pod = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .context("no pod spec")?;
+    let pod_context = pod.security_context.clone().unwrap_or_default();
+    ensure!(pod_context.run_as_non_root == Some(true), "runAsNonRoot");
+    ensure!(
+        pod_context
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.as_str())
+            == Some("RuntimeDefault"),
+        "seccomp RuntimeDefault"
+    );
+    ensure!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    for volume in pod.volumes.iter().flatten() {
+        ensure!(
+            volume.host_path.is_none(),
+            "{}: hostPath is not restricted",
+            volume.name
+        );
+    }
+    let container = companion(&deployment)?;
+    let context = container.security_context.clone().unwrap_or_default();
+    ensure!(
+        context.allow_privilege_escalation == Some(false),
+        "allowPrivilegeEscalation"
+    );
+    ensure!(context.privileged != Some(true), "privileged");
+    let capabilities = context.capabilities.clone().unwrap_or_default();
+    ensure!(
+        capabilities.drop == Some(vec!["ALL".to_owned()]) && capabilities.add.is_none(),
+        "capabilities must drop ALL and add none"
+    );
+    ensure!(
+        context.run_as_user.unwrap_or(1) != 0,
+        "runAsUser 0 is not restricted"
+    );
+    Ok(())
+}
+
+/// Sample names the companion's families export (`_total` for counters, the histogram
+/// series), from its own registry.
+fn exported_metric_names() -> BTreeSet<String> {
+    use tokensmith_service::metrics::{CheckLabels, global};
+    // Labelled families show only once they have a series: give each one.
+    let metrics = global();
+    let _ = metrics.checks.get_or_create(&CheckLabels {
+        decision: "deny",
+        reason: "unavailable",
+    });
+    metrics.kube_call(
+        "management",
+        "tokenrequest",
+        "201".to_owned(),
+        Duration::ZERO,
+    );
+    let text = metrics.encode();
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+    }
+    names
+}
+
+#[test]
+fn the_alerts_name_only_metrics_and_reasons_the_companion_exports() -> Result<()> {
+    use tokensmith_service::{authz::decision::DenyReason, cluster::Cluster};
+    let docs = manifests()?;
+    let exported = exported_metric_names();
+    ensure!(exported.contains("tokensmith_checks_total"), "{exported:?}");
+    let reasons: BTreeSet<&str> = [
+        DenyReason::MissingToken,
+        DenyReason::MalformedToken,
+        DenyReason::InvalidToken,
+        DenyReason::UnknownIssuer,
+        DenyReason::NotServiceAccount,
+        DenyReason::InvalidServiceAccountName,
+        DenyReason::UnknownServiceAccount,
+        DenyReason::ExchangeForbidden,
+        DenyReason::NamespaceNotAllowed,
+        DenyReason::NotConsented,
+        DenyReason::DeadlineExceeded(Cluster::Workload),
+        DenyReason::Unavailable(Cluster::Workload),
+        DenyReason::Throttled(1),
+    ]
+    .iter()
+    .map(|r| r.as_str())
+    .collect();
+    // Metrics of other exporters the rules may use.
+    let external = ["kube_deployment_status_replicas_available"];
+    let rule = find(
+        &docs,
+        "deploy/components/prometheus-rules/prometheusrule.yaml",
+        "PrometheusRule",
+        "tokensmith",
+    )?;
+    let rules = rule.value["spec"]["groups"][0]["rules"]
+        .as_array()
+        .context("no rules")?;
+    ensure!(rules.len() == 4, "{} rules", rules.len());
+    for alert in rules {
+        let name = alert["alert"].as_str().context("an alert without a name")?;
+        let expr = alert["expr"].as_str().context("no expr")?;
+        ensure!(
+            alert["labels"]["severity"].is_string() && alert["annotations"]["summary"].is_string(),
+            "{name}: severity and summary"
+        );
+        // Every metric-looking identifier is exported (by us or a named exporter).
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("tokensmith_") {
+                ensure!(exported.contains(word), "{name}: {word} is not exported");
+            } else if word.starts_with("kube_") {
+                ensure!(external.contains(&word), "{name}: {word} is not expected");
+            }
+        }
+        // Every reason matched is one the companion gives.
+        for (at, _) in expr.match_indices("reason") {
+            let rest = &expr[at + "reason".len()..];
+            let Some(quoted) = rest
+                .strip_prefix("=~\"")
+                .or_else(|| rest.strip_prefix("=\""))
+            else {
+                continue;
+            };
+            let values = quoted.split('"').next().unwrap_or_default();
+            for value in values.split('|') {
+                ensure!(reasons.contains(value), "{name}: no reason {value:?}");
+            }
+        }
+    }
+    let monitor = find(
+        &docs,
+        "deploy/components/podmonitor/podmonitor.yaml",
+        "PodMonitor",
+        "tokensmith",
+    )?;
+    let deployment = deployment(&docs)?;
+    ensure!(
+        selects(
+            &labels(&monitor.value["spec"]["selector"]["matchLabels"]),
+            &pod_labels(&deployment)
+        ),
+        "the PodMonitor misses the companion's pods"
+    );
+    let port = monitor.value["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .context("no port")?;
+    ensure!(
+        companion(&deployment)?
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some(port)),
+        "PodMonitor port {port} is not a container port"
+    );
+    if let Some(rendered) = kustomize_with(&["podmonitor", "prometheus-rules"])? {
+        ensure!(kinds(&rendered).get("PodMonitor") == Some(&1));
+        ensure!(kinds(&rendered).get("PrometheusRule") == Some(&1));
+    }
     Ok(())
 }

@@ -156,3 +156,87 @@ fn package_sh_writes_a_reproducible_oci_image_with_plugin_wasm() -> Result<()> {
     assert_eq!(package(&dir.path().join("again"))?, printed);
     Ok(())
 }
+
+/// The `COPY` sources of a Dockerfile (flags and the destination left out).
+fn copy_sources(dockerfile: &str) -> Vec<String> {
+    dockerfile
+        .lines()
+        .map(str::trim)
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .flat_map(|args| {
+            let words: Vec<&str> = args
+                .split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .collect();
+            words[..words.len().saturating_sub(1)]
+                .iter()
+                .map(|w| (*w).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_docker_image_builds_from_the_context_make_wasmplugin_prepares() -> Result<()> {
+    let root = workspace_root();
+    let dockerfile = std::fs::read_to_string(root.join("wasmplugin/Dockerfile"))?;
+    let makefile = std::fs::read_to_string(root.join("Makefile"))?;
+    // The Makefile prepares the very directory the Dockerfile's usage line builds from.
+    let context_dir = "target/wasmplugin-context";
+    ensure!(
+        makefile.contains(&format!(
+            "wasmplugin/package.sh --docker-context $(WASM) {context_dir}"
+        )),
+        "make wasmplugin does not prepare {context_dir}"
+    );
+    ensure!(
+        dockerfile.contains(&format!(
+            "-f wasmplugin/Dockerfile -t REGISTRY/tokensmith-filter:0.1.0 {context_dir}"
+        )),
+        "the Dockerfile's usage line builds from another context"
+    );
+    let dir = tempfile::tempdir()?;
+    let context = dir.path().join("context");
+    let output = std::process::Command::new(root.join("wasmplugin/package.sh"))
+        .arg("--docker-context")
+        .arg(filter_wasm()?)
+        .arg(&context)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "package.sh --docker-context failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let entries: Vec<String> = std::fs::read_dir(&context)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        entries,
+        ["plugin.wasm"],
+        "the context holds the module alone"
+    );
+    assert_eq!(
+        std::fs::read(context.join("plugin.wasm"))?,
+        std::fs::read(filter_wasm()?)?
+    );
+    let sources = copy_sources(&dockerfile);
+    ensure!(!sources.is_empty(), "the Dockerfile copies nothing");
+    for source in &sources {
+        ensure!(
+            context.join(source).is_file(),
+            "COPY {source}: not in the build context"
+        );
+    }
+    // Nothing in that context or beside the Dockerfile leaves the module out.
+    for ignore in [
+        context.join(".dockerignore"),
+        root.join("wasmplugin/Dockerfile.dockerignore"),
+    ] {
+        ensure!(
+            !ignore.exists(),
+            "{} would filter the context",
+            ignore.display()
+        );
+    }
+    Ok(())
+}
