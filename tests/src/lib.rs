@@ -7,6 +7,7 @@ pub mod envoy;
 pub mod fake_apiserver;
 pub mod http;
 pub mod istio;
+pub mod manifests;
 pub mod process;
 pub mod tls;
 pub mod upstream;
@@ -65,6 +66,9 @@ pub enum Error {
     /// rustls refused the generated certificate or configuration.
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
+    /// A manifest or CRD file could not be read or parsed.
+    #[error("manifest: {0}")]
+    Manifest(String),
     /// `FakeCluster::verify` rejected a token; the text says why.
     #[error("token rejected: {0}")]
     InvalidToken(String),

@@ -22,8 +22,9 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
+use tokensmith_tests::manifests;
 
 /// The identity of the ingress gateway, the only caller the companion admits.
 const GATEWAY_PRINCIPAL: &str =
@@ -115,17 +116,8 @@ impl Doc {
     /// Deserializes into `T`, serializes back, and requires the very same JSON: a field
     /// that k8s-openapi does not know (a typo, a wrong nesting) would be dropped on the way.
     fn typed<T: DeserializeOwned + Serialize>(&self) -> Result<T> {
-        let typed: T = serde_json::from_value(self.value.clone())
-            .with_context(|| format!("{self}: not a valid {}", self.kind()))?;
-        let back = serde_json::to_value(&typed)?;
-        let mut lost = Vec::new();
-        differences(&self.value, &back, "", &mut lost);
-        ensure!(
-            lost.is_empty(),
-            "{self}: the k8s-openapi round trip changed {}",
-            lost.join(", ")
-        );
-        Ok(typed)
+        manifests::round_trip(&self.value)
+            .map_err(|lost| anyhow::anyhow!("{self}: the k8s-openapi round trip changed {lost}"))
     }
 }
 
@@ -139,27 +131,6 @@ impl fmt::Display for Doc {
             self.kind(),
             self.name()
         )
-    }
-}
-
-/// JSON paths where `a` and `b` differ, with both values.
-fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            for key in keys {
-                let null = Value::Null;
-                let (l, r) = (x.get(key).unwrap_or(&null), y.get(key).unwrap_or(&null));
-                differences(l, r, &format!("{path}.{key}"), out);
-            }
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
-            for (i, (l, r)) in x.iter().zip(y).enumerate() {
-                differences(l, r, &format!("{path}[{i}]"), out);
-            }
-        }
-        _ if a != b => out.push(format!("{path}: {a} became {b}")),
-        _ => {}
     }
 }
 
@@ -194,16 +165,8 @@ fn yaml_files(dir: &Path) -> Result<Vec<String>> {
     Ok(found)
 }
 
-/// All documents of a multi-document YAML text, empty ones left out.
 fn documents(text: &str) -> Result<Vec<Value>> {
-    let mut values = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(document)?;
-        if !value.is_null() {
-            values.push(value);
-        }
-    }
-    Ok(values)
+    Ok(manifests::documents(text)?)
 }
 
 /// Every document of every YAML file under `deploy/`.
@@ -1960,5 +1923,70 @@ fn the_alerts_name_only_metrics_and_reasons_the_companion_exports() -> Result<()
         ensure!(kinds(&rendered).get("PodMonitor") == Some(&1));
         ensure!(kinds(&rendered).get("PrometheusRule") == Some(&1));
     }
+    Ok(())
+}
+
+/// Istio 1.27.9's CRDs, kept beside the repository (../shared), never copied into it.
+fn istio_crds() -> Result<manifests::CrdSchemas> {
+    let path = repo_root().join("../shared/istio-1.27.9/crd-all.gen.yaml");
+    manifests::CrdSchemas::load(&path).with_context(|| {
+        format!(
+            "{}: Istio's CRD schemas are needed for the strict check",
+            path.display()
+        )
+    })
+}
+
+#[test]
+fn every_istio_resource_we_ship_passes_its_crd_schema_at_every_level() -> Result<()> {
+    let crds = istio_crds()?;
+    let mut docs = manifests()?;
+    let plugin = repo_root().join("wasmplugin/wasmplugin.yaml");
+    docs.extend(
+        documents(&std::fs::read_to_string(&plugin)?)?
+            .into_iter()
+            .enumerate()
+            .map(|(index, value)| Doc {
+                file: "wasmplugin/wasmplugin.yaml".to_owned(),
+                index,
+                value,
+            }),
+    );
+    let mut checked = BTreeSet::new();
+    for doc in &docs {
+        if !crds.knows(doc.api_version(), doc.kind()) {
+            continue;
+        }
+        crds.validate(&doc.value)
+            .map_err(|problems| anyhow::anyhow!("{doc}: {problems}"))?;
+        checked.insert(doc.kind().to_owned());
+    }
+    let want: BTreeSet<String> = [
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "Gateway",
+        "VirtualService",
+        "DestinationRule",
+        "WasmPlugin",
+    ]
+    .map(str::to_owned)
+    .into();
+    ensure!(checked == want, "checked {checked:?}, expected {want:?}");
+    // The check bites where a shallow one did not: a misspelled field inside a rule.
+    let mut typo = find(
+        &docs,
+        "deploy/istio/gateway-policy.yaml",
+        "AuthorizationPolicy",
+        "tokensmith-exchange",
+    )?
+    .value
+    .clone();
+    let operation = &mut typo["spec"]["rules"][0]["to"][0]["operation"];
+    let hosts = operation["hosts"].take();
+    operation["host"] = hosts;
+    ensure!(
+        crds.validate(&typo).is_err(),
+        "hosts→host inside a rule passed"
+    );
     Ok(())
 }
