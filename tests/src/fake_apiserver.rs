@@ -136,6 +136,10 @@ pub(crate) struct Caller {
 pub(crate) struct Store {
     pub(crate) namespaces: BTreeMap<String, Meta>,
     pub(crate) service_accounts: BTreeMap<(String, String), Meta>,
+    /// Secrets by (namespace, name): their data, not encoded.
+    pub(crate) secrets: BTreeMap<(String, String), (Meta, BTreeMap<String, String>)>,
+    /// (user, namespace) pairs allowed to `get secrets` there: a Role bound to the user.
+    pub(crate) secret_readers: std::collections::HashSet<(String, String)>,
     /// Static bearer tokens (like `--token-auth-file`) → caller.
     callers: HashMap<String, Caller>,
     /// Rights of users who authenticate with a JWT (service accounts, `mint_user` users).
@@ -610,6 +614,28 @@ impl FakeCluster {
             .changes
             .record(version, namespace, name, Some(before), Some(after));
         true
+    }
+
+    /// Creates (or replaces) a Secret, and its namespace.
+    pub fn add_secret(&self, namespace: &str, name: &str, data: &[(&str, &str)]) {
+        let mut store = lock(&self.shared.store);
+        store.ensure_namespace(namespace);
+        let meta = store.meta();
+        let data = data
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        store
+            .secrets
+            .insert((namespace.to_owned(), name.to_owned()), (meta, data));
+    }
+
+    /// Lets `username` get the Secrets of `namespace`, as a Role with `get secrets`
+    /// bound to it there would.
+    pub fn allow_secret_reads(&self, username: &str, namespace: &str) {
+        lock(&self.shared.store)
+            .secret_readers
+            .insert((username.to_owned(), namespace.to_owned()));
     }
 
     /// Creates a namespace (no-op when it exists).

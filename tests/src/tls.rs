@@ -158,6 +158,11 @@ impl TestPki {
             .ok_or_else(|| tls_error("the server presents a certificate this PKI never wrote"))
     }
 
+    /// PEM of the CA that signs the server certificates.
+    pub fn server_ca_pem(&self) -> &str {
+        &self.server_ca.2
+    }
+
     /// The client CA's PEM.
     pub fn client_ca_pem(&self) -> &str {
         &self.client_ca.2

@@ -16,6 +16,8 @@ pub enum Endpoint {
     GetServiceAccount,
     /// `GET /api/v1/namespaces/{ns}`
     GetNamespace,
+    /// `GET /api/v1/namespaces/{ns}/secrets/{name}`
+    GetSecret,
     /// `GET /api/v1/serviceaccounts` (cluster scope, optional `labelSelector`)
     ListServiceAccounts,
     /// `GET /api/v1/serviceaccounts?watch=true`: a watch, counted when it opens
@@ -46,6 +48,7 @@ impl Endpoint {
             ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => Endpoint::TokenReview,
             ["api", "v1", "namespaces", _, "serviceaccounts", _, "token"] => Endpoint::TokenRequest,
             ["api", "v1", "namespaces", _, "serviceaccounts", _] => Endpoint::GetServiceAccount,
+            ["api", "v1", "namespaces", _, "secrets", _] => Endpoint::GetSecret,
             ["api", "v1", "namespaces", _] => Endpoint::GetNamespace,
             ["api", "v1", "serviceaccounts"] => Endpoint::ListServiceAccounts,
             ["version"] => Endpoint::Version,

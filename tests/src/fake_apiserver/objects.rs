@@ -37,6 +37,29 @@ pub(crate) fn service_account(namespace: &str, name: &str, meta: &Meta) -> Value
     json!({"kind": "ServiceAccount", "apiVersion": "v1", "metadata": m})
 }
 
+pub(crate) fn secret(
+    namespace: &str,
+    name: &str,
+    meta: &Meta,
+    data: &std::collections::BTreeMap<String, String>,
+) -> Value {
+    use base64::Engine;
+    let encoded: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            let value = base64::engine::general_purpose::STANDARD.encode(v);
+            (k.clone(), json!(value))
+        })
+        .collect();
+    json!({
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "metadata": metadata(name, Some(namespace), meta),
+        "type": "Opaque",
+        "data": encoded,
+    })
+}
+
 pub(crate) fn namespace(name: &str, meta: &Meta) -> Value {
     let mut m = metadata(name, None, meta);
     m["labels"] = json!({"kubernetes.io/metadata.name": name});
@@ -178,6 +201,8 @@ pub(crate) fn discovery(path: &str, server_address: &str) -> Option<Value> {
             "resources": [
                 {"name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace",
                  "verbs": ["get"], "shortNames": ["ns"]},
+                {"name": "secrets", "singularName": "secret", "namespaced": true, "kind": "Secret",
+                 "verbs": ["get"]},
                 {"name": "serviceaccounts", "singularName": "serviceaccount", "namespaced": true,
                  "kind": "ServiceAccount", "verbs": ["get"], "shortNames": ["sa"]},
                 {"name": "serviceaccounts/token", "singularName": "", "namespaced": true,

@@ -150,6 +150,12 @@ async fn respond(
                 segment(5),
             )
         }
+        Endpoint::GetSecret => {
+            if let Some(reply) = expect(Method::GET) {
+                return reply;
+            }
+            get_secret(shared, caller.as_ref(), segment(3), segment(5))
+        }
         Endpoint::GetNamespace => {
             if let Some(reply) = expect(Method::GET) {
                 return reply;
@@ -444,6 +450,35 @@ fn get_service_account(
         Some(meta) => json_reply(
             StatusCode::OK,
             &objects::service_account(namespace, name, &meta),
+        ),
+    }
+}
+
+/// A Secret, for callers with `get secrets` in its namespace (or everything).
+fn get_secret(shared: &Shared, caller: Option<&Caller>, namespace: &str, name: &str) -> Reply {
+    let Some(caller) = caller else {
+        return status(Status::unauthorized());
+    };
+    let store = lock(&shared.store);
+    let allowed = caller.rights == super::Rights::ALL
+        || store
+            .secret_readers
+            .contains(&(caller.name.clone(), namespace.to_owned()));
+    if !allowed {
+        return status(Status::forbidden_named(
+            &caller.name,
+            "get",
+            "secrets",
+            None,
+            name,
+            Some(namespace),
+        ));
+    }
+    match store.secrets.get(&(namespace.to_owned(), name.to_owned())) {
+        None => status(Status::not_found("secrets", name)),
+        Some((meta, data)) => json_reply(
+            StatusCode::OK,
+            &objects::secret(namespace, name, meta, data),
         ),
     }
 }

@@ -7,5 +7,6 @@ mod fake_apiserver;
 mod filter;
 mod istio;
 mod jwks;
+mod kubectl;
 mod production;
 mod wasmplugin;
