@@ -31,6 +31,9 @@ pub enum Command {
     Greet(GreetArgs),
     /// Print a --clusters-config entry for a cluster, read through its API server.
     Jwks(JwksArgs),
+    /// Check a deployment with the flags of `authz`: API servers, rights, keys, clocks,
+    /// the reviewer token; exit 0 only when every check passes.
+    Doctor(Box<DoctorArgs>),
     /// Print the version.
     Version,
 }
@@ -167,6 +170,19 @@ pub struct AuthzArgs {
     /// connection after 10 s.
     #[arg(long, env = "TOKENSMITH_GRPC_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
     pub grpc_keepalive: Duration,
+}
+
+/// Flags of `tokensmith doctor`: those of `authz`, plus where to check minting.
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    /// Management namespace where minting tokens must be allowed (repeatable or
+    /// comma-separated); default: those --allow-namespaces or the clusters file name
+    /// outright.
+    #[arg(long = "namespace", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// The flags of `authz`.
+    #[command(flatten)]
+    pub authz: AuthzArgs,
 }
 
 /// Flags of `tokensmith serve`.

@@ -70,6 +70,12 @@ pub enum Error {
     /// The greet service answered with an error.
     #[error("greet: {}", .0.message())]
     Greet(tonic::Status),
+    /// `tokensmith doctor` found problems (it printed them).
+    #[error("{failed} check(s) failed")]
+    Doctor {
+        /// How many.
+        failed: usize,
+    },
     /// The server task ended abnormally.
     #[error("server task: {0}")]
     Task(#[from] tokio::task::JoinError),

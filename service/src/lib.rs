@@ -17,6 +17,7 @@ pub mod clusters;
 pub mod config;
 pub mod consent;
 pub mod deadline;
+pub mod doctor;
 pub mod error;
 pub mod exchange;
 pub mod greet;

@@ -8,7 +8,7 @@ use tokensmith_service::{
     Error,
     cli::{Cli, Command},
     config::AuthzConfig,
-    greet, jwks, server, telemetry,
+    doctor, greet, jwks, server, telemetry,
 };
 
 /// Exit code for configuration errors (EX_USAGE), as for bad flags.
@@ -17,9 +17,9 @@ const EX_USAGE: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `jwks` prints a YAML document on stdout, where the logs go: it logs nothing, and
-    // reports failure on stderr only.
-    if !matches!(cli.command, Command::Jwks(_)) {
+    // `jwks` and `doctor` print on stdout, where the logs go: they log nothing, and
+    // report failure on stderr only.
+    if !matches!(cli.command, Command::Jwks(_) | Command::Doctor(_)) {
         telemetry::init(cli.log_level, cli.log_format);
     }
     match run(cli.command).await {
@@ -48,6 +48,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             "{}",
             jwks::export::clusters_entry(&args.kubeconfig, args.name.as_deref()).await?
         ),
+        Command::Doctor(args) => {
+            let config = AuthzConfig::try_from(args.authz)?;
+            doctor::run(&config, &args.namespaces).await?;
+        }
         Command::Version => println!("tokensmith {}", env!("CARGO_PKG_VERSION")),
     }
     Ok(())

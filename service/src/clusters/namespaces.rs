@@ -135,6 +135,14 @@ impl NamespacePolicy {
         Ok(())
     }
 
+    /// The `allow` entries without wildcards: namespaces named outright.
+    pub fn literal_allows(&self) -> impl Iterator<Item = &str> {
+        self.allow
+            .iter()
+            .map(Glob::as_str)
+            .filter(|p| !p.contains(['*', '?']))
+    }
+
     /// The protected namespaces, the companion's own included (for the start-up log).
     pub fn protected(&self) -> &[String] {
         &self.protected

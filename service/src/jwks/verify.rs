@@ -78,6 +78,12 @@ pub fn unverified_issuer(token: &str) -> Option<String> {
     }
 }
 
+/// A claim of the payload, read without checking anything (for diagnostics only).
+pub fn unverified_claim(token: &str, name: &str) -> Option<Value> {
+    let [_, payload, _] = segments(token).ok()?;
+    segment_object(payload)?.remove(name)
+}
+
 /// Reads the header and applies the policy: `alg` must be allowed (so `none` and HMAC
 /// never reach a verifier), and a `crit` header is refused whatever it lists — we
 /// implement no JWS extension, and RFC 7515 §4.1.11 says to reject what we don't.

@@ -12,6 +12,8 @@ pub enum Endpoint {
     TokenReview,
     /// `POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token`
     TokenRequest,
+    /// `POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews`
+    SelfSubjectAccessReview,
     /// `GET /api/v1/namespaces/{ns}/serviceaccounts/{name}`
     GetServiceAccount,
     /// `GET /api/v1/namespaces/{ns}`
@@ -46,6 +48,12 @@ impl Endpoint {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match segments.as_slice() {
             ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => Endpoint::TokenReview,
+            [
+                "apis",
+                "authorization.k8s.io",
+                "v1",
+                "selfsubjectaccessreviews",
+            ] => Endpoint::SelfSubjectAccessReview,
             ["api", "v1", "namespaces", _, "serviceaccounts", _, "token"] => Endpoint::TokenRequest,
             ["api", "v1", "namespaces", _, "serviceaccounts", _] => Endpoint::GetServiceAccount,
             ["api", "v1", "namespaces", _, "secrets", _] => Endpoint::GetSecret,

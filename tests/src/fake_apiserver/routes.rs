@@ -150,6 +150,12 @@ async fn respond(
                 segment(5),
             )
         }
+        Endpoint::SelfSubjectAccessReview => {
+            if let Some(reply) = expect(Method::POST) {
+                return reply;
+            }
+            self_subject_access_review(shared, caller.as_ref(), &body)
+        }
         Endpoint::GetSecret => {
             if let Some(reply) = expect(Method::GET) {
                 return reply;
@@ -452,6 +458,56 @@ fn get_service_account(
             &objects::service_account(namespace, name, &meta),
         ),
     }
+}
+
+/// Whether the caller may do what `spec.resourceAttributes` says, by the same rights
+/// the other endpoints enforce.
+fn self_subject_access_review(shared: &Shared, caller: Option<&Caller>, body: &Bytes) -> Reply {
+    let Some(caller) = caller else {
+        return status(Status::unauthorized());
+    };
+    let mut review: Value = match serde_json::from_slice(body) {
+        Ok(review) => review,
+        Err(error) => {
+            return status(Status::bad_request(format!(
+                "unable to decode SelfSubjectAccessReview: {error}"
+            )));
+        }
+    };
+    let attributes = &review["spec"]["resourceAttributes"];
+    let text = |key: &str| attributes[key].as_str().unwrap_or_default().to_owned();
+    let (group, resource, subresource, verb, namespace) = (
+        text("group"),
+        text("resource"),
+        text("subresource"),
+        text("verb"),
+        text("namespace"),
+    );
+    let rights = caller.rights;
+    let allowed = match (
+        group.as_str(),
+        resource.as_str(),
+        subresource.as_str(),
+        verb.as_str(),
+    ) {
+        ("authentication.k8s.io", "tokenreviews", "", "create") => rights.token_review,
+        ("", "serviceaccounts", "token", "create") => rights.token_request,
+        ("", "serviceaccounts", "", "list" | "watch") => rights.list_service_accounts,
+        ("", "serviceaccounts" | "namespaces", "", "get") => rights.read,
+        ("", "secrets", "", "get") => {
+            rights == super::Rights::ALL
+                || lock(&shared.store)
+                    .secret_readers
+                    .contains(&(caller.name.clone(), namespace.clone()))
+        }
+        _ => rights == super::Rights::ALL,
+    };
+    review["status"] = json!({"allowed": allowed});
+    if !allowed {
+        review["status"]["reason"] = json!("no RBAC rule allows it");
+    }
+    review["metadata"] = json!({"creationTimestamp": null});
+    json_reply(StatusCode::CREATED, &review)
 }
 
 /// A Secret, for callers with `get secrets` in its namespace (or everything).

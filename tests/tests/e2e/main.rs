@@ -2,6 +2,7 @@
 
 mod companion;
 mod deploy;
+mod doctor;
 mod envoy;
 mod fake_apiserver;
 mod filter;
