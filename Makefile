@@ -6,7 +6,7 @@ WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
 TOOLS := $(CURDIR)/.tools
 
-.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck demo wasmplugin bench kind-e2e
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck demo wasmplugin bench kind-e2e kind-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,9 +43,13 @@ test-wasm: toolchain wasm-bindgen ## the filter's logic tests compiled to wasm32
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(TOOLS)/bin/wasm-bindgen-test-runner \
 		$(CARGO) test -p tokensmith-filter --locked --target wasm32-unknown-unknown
 
-test: lint build envoy test-wasm ## lint, then every test (unit, wasm, component, end to end through Envoy)
+test: lint build envoy test-wasm ## lint, then every test (unit, wasm, component, end to end through Envoy, the kind script offline)
 	$(CARGO) test --workspace --locked --no-run
 	$(CARGO) test --workspace --locked
+	$(MAKE) kind-check
+
+kind-check: shellcheck ## the kind + Istio script offline: shellcheck, and every manifest it applies validated strictly
+	tests/kind/kind-e2e.sh --check
 
 fmt: ## format the code
 	$(CARGO) fmt --all
@@ -60,5 +64,5 @@ wasmplugin: build ## package the filter: OCI image layout in target/wasmplugin-o
 bench: toolchain envoy ## bounded load run on 127.0.0.1: companion and Envoy, both paths (README "Performance")
 	$(CARGO) run --release --locked -q -p tokensmith-tests --bin tokensmith-load -- --requests 3000 --concurrency 32
 
-kind-e2e: ## kind + Istio end to end on a workstation with Docker (tests/kind/kind-e2e.sh; its --check runs in make test)
-	tests/kind/kind-e2e.sh
+kind-e2e: ## kind + Istio end to end on a workstation with Docker (tests/kind/kind-e2e.sh; flags: KIND_E2E_FLAGS=--keep)
+	tests/kind/kind-e2e.sh $(KIND_E2E_FLAGS)

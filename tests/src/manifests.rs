@@ -393,6 +393,49 @@ pub fn validate_all(text: &str, crds: &CrdSchemas) -> Result<BTreeMap<String, Pr
     Ok(found)
 }
 
+/// A `meshConfig.extensionProviders` entry as istio/api 1.27's `MeshConfig` defines the
+/// ext_authz gRPC kind; unknown fields at any level are errors (no CRD covers it).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    /// How policies name it (`provider.name`).
+    pub name: String,
+    /// The ext_authz gRPC settings.
+    pub envoy_ext_authz_grpc: EnvoyExtAuthzGrpc,
+}
+
+/// `MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationGrpcProvider`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnvoyExtAuthzGrpc {
+    /// `[<Namespace>/]<Hostname>` of the service.
+    pub service: String,
+    /// Its port.
+    pub port: u32,
+    /// A duration such as `3s`.
+    pub timeout: Option<String>,
+    /// Let requests through when the service fails.
+    pub fail_open: Option<bool>,
+    /// HTTP status when the service fails, as a string.
+    pub status_on_error: Option<String>,
+    /// Clear the route cache after the check.
+    pub clear_route_cache: Option<bool>,
+    /// Send the body to the service.
+    pub include_request_body_in_check: Option<BodyInCheck>,
+}
+
+/// `MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationRequestBody`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BodyInCheck {
+    /// Largest body sent.
+    pub max_request_bytes: Option<u32>,
+    /// Send a truncated body rather than refuse.
+    pub allow_partial_message: Option<bool>,
+    /// Send the body as bytes.
+    pub pack_as_bytes: Option<bool>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

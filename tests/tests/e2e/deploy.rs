@@ -325,6 +325,9 @@ fn tokensmith_provider(docs: &[Doc]) -> Result<Value> {
         }
     }
     let (_, provider) = first.context("no mesh config snippet")?;
+    // Typed as istio/api's MeshConfig, unknown fields refused at every level.
+    serde_json::from_value::<manifests::ExtensionProvider>(provider.clone())
+        .context("the tokensmith provider is not a valid envoyExtAuthzGrpc provider")?;
     Ok(provider.clone())
 }
 
