@@ -164,19 +164,25 @@ preflight_run() {
 }
 
 # ---- manifests (stdout); live values come from the run steps, or from use_placeholders ------
-m_workload_identities() {
+# app-prod/eso-sa: the workload's identity, and in management its twin that RBAC grants.
+m_eso_identity() {
   cat <<EOF
 apiVersion: v1
 kind: Namespace
 metadata:
   name: app-prod
 ---
-# The workload's identity; its twin in the management cluster is what RBAC grants.
 apiVersion: v1
 kind: ServiceAccount
 metadata:
   name: eso-sa
   namespace: app-prod
+EOF
+}
+
+m_workload_identities() {
+  m_eso_identity
+  cat <<EOF
 ---
 # Exists in the workload cluster only: the companion must answer 403.
 apiVersion: v1
@@ -249,17 +255,8 @@ m_istio_operator() {
 }
 
 m_management_identities() {
+  m_eso_identity
   cat <<EOF
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: app-prod
----
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: eso-sa
-  namespace: app-prod
 ---
 apiVersion: v1
 kind: Secret

@@ -238,6 +238,12 @@ impl Companion {
         Ok(response.into_inner())
     }
 
+    /// Sends a Check with `authorization: Bearer <token>`.
+    pub async fn check_bearer(&self, token: &str) -> Result<CheckResponse, tonic::Status> {
+        self.check(&[("authorization", &format!("Bearer {token}"))])
+            .await
+    }
+
     /// A Check over plain-text HTTP/2 (fails against a TLS listener).
     pub async fn plain_check(&self) -> Result<CheckResponse, tonic::Status> {
         let channel = Channel::from_shared(format!("http://{}", self.addr))

@@ -53,10 +53,7 @@ impl World {
     }
 
     pub async fn check_bearer(&self, token: &str) -> Result<CheckResponse> {
-        Ok(self
-            .companion
-            .check(&[("authorization", &format!("Bearer {token}"))])
-            .await?)
+        Ok(self.companion.check_bearer(token).await?)
     }
 }
 
@@ -481,11 +478,7 @@ async fn without_issuer_discovery_every_issuer_is_reviewed_and_a_warning_says_so
         "a warning names the gap"
     );
     let user = pair.workload.mint_user("alice");
-    let d = denied(
-        &companion
-            .check(&[("authorization", &format!("Bearer {user}"))])
-            .await?,
-    )?;
+    let d = denied(&companion.check_bearer(&user).await?)?;
     assert_eq!(d.http, 403, "{d:?}");
     assert_eq!(pair.workload.count(Endpoint::TokenReview), 1);
     Ok(())
@@ -1081,9 +1074,7 @@ async fn until_status(
 ) -> Result<Duration> {
     let started = std::time::Instant::now();
     loop {
-        let response = companion
-            .check(&[("authorization", &format!("Bearer {token}"))])
-            .await?;
+        let response = companion.check_bearer(token).await?;
         let got = match denied(&response) {
             Ok(d) => d.http,
             Err(_) => allowed_token(&response).map(|_| 200)?,
@@ -1109,11 +1100,7 @@ async fn with_a_required_label_only_labelled_management_accounts_get_tokens() ->
         .expiring_in(Duration::from_secs(3600))
         .sign();
     // The same name exists in management, but nobody there consented: 403, no token.
-    let d = denied(
-        &companion
-            .check(&[("authorization", &format!("Bearer {token}"))])
-            .await?,
-    )?;
+    let d = denied(&companion.check_bearer(&token).await?)?;
     assert_eq!((d.http, d.grpc), (403, 7), "{d:?}");
     assert_eq!(d.body, "service account not enabled for exchange");
     assert_eq!(pair.management.count(Endpoint::TokenRequest), 0);
@@ -1131,11 +1118,7 @@ async fn with_a_required_label_only_labelled_management_accounts_get_tokens() ->
     let took = until_status(&companion, &token, 200, Duration::from_secs(3)).await?;
     assert!(took < Duration::from_secs(3), "{took:?}");
     for _ in 0..20 {
-        allowed_token(
-            &companion
-                .check(&[("authorization", &format!("Bearer {token}"))])
-                .await?,
-        )?;
+        allowed_token(&companion.check_bearer(&token).await?)?;
     }
     // Watched, not fetched per request: one LIST, one open watch, no GETs.
     assert_eq!(pair.management.count(Endpoint::ListServiceAccounts), 1);
@@ -1192,11 +1175,7 @@ async fn without_the_right_to_list_accounts_the_companion_never_serves() -> Resu
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(companion.health("").await?, ServingStatus::NotServing);
     let token = pair.workload.mint(&pair.workload_sa).sign();
-    let d = denied(
-        &companion
-            .check(&[("authorization", &format!("Bearer {token}"))])
-            .await?,
-    )?;
+    let d = denied(&companion.check_bearer(&token).await?)?;
     assert_eq!(d.http, 503, "{d:?}");
     assert_eq!(pair.management.count(Endpoint::TokenRequest), 0);
     let logs = companion.logs();

@@ -840,9 +840,15 @@ fn granted(docs: &[Doc], file: &str, role: &str) -> Result<(Vec<PolicyRule>, Vec
         binding.role_ref.api_group == "rbac.authorization.k8s.io",
         "{role}: wrong roleRef apiGroup"
     );
-    let subjects = binding
-        .subjects
-        .iter()
+    Ok((
+        cluster_role.rules.unwrap_or_default(),
+        subjects(binding.subjects.as_deref()),
+    ))
+}
+
+/// A binding's subjects as (kind, namespace, name).
+fn subjects(list: Option<&[k8s_openapi::api::rbac::v1::Subject]>) -> Vec<Subject> {
+    list.into_iter()
         .flatten()
         .map(|s| {
             (
@@ -851,8 +857,7 @@ fn granted(docs: &[Doc], file: &str, role: &str) -> Result<(Vec<PolicyRule>, Vec
                 s.name.clone(),
             )
         })
-        .collect();
-    Ok((cluster_role.rules.unwrap_or_default(), subjects))
+        .collect()
 }
 
 fn rule(group: &str, resource: &str, verb: &str) -> PolicyRule {
@@ -933,18 +938,7 @@ fn the_companion_may_mint_tokens_only_in_the_listed_namespaces_and_do_nothing_el
             "{ns}: binds {:?}",
             binding.role_ref
         );
-        let subjects: Vec<(String, String, String)> = binding
-            .subjects
-            .iter()
-            .flatten()
-            .map(|s| {
-                (
-                    s.kind.clone(),
-                    s.namespace.clone().unwrap_or_default(),
-                    s.name.clone(),
-                )
-            })
-            .collect();
+        let subjects = subjects(binding.subjects.as_deref());
         ensure!(
             subjects == [companion_sa.clone()],
             "{ns}: subjects {subjects:?}"

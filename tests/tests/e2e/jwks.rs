@@ -121,9 +121,7 @@ fn decisions(companion: &Companion) -> Vec<Value> {
 }
 
 async fn check(companion: &Companion, token: &str) -> Result<CheckResponse> {
-    Ok(companion
-        .check(&[("authorization", &format!("Bearer {token}"))])
-        .await?)
+    Ok(companion.check_bearer(token).await?)
 }
 
 /// Checks `token`, expects an allow whose decision names `cluster`; returns the
