@@ -1,7 +1,8 @@
 //! The in-proxy cache of exchanged tokens: a fixed number of shared-data slots (the
-//! bound), each addressed by a hash of the whole presented token and holding that
-//! token's full digest, so an entry is never served for another token. Slot keys carry
-//! the plugin's scope, so two plugins or two configurations never share an entry.
+//! bound), placed two-choice set-associatively by a hash of the whole presented token,
+//! each holding that token's full digest, so an entry is never served for another token.
+//! Slot keys carry the plugin's scope, so two plugins or two configurations never share
+//! an entry.
 
 use sha2::{Digest as _, Sha256};
 
@@ -53,9 +54,25 @@ pub fn digest(token: &str) -> Digest {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// The slot of a digest among `slots`.
-pub fn slot(digest: &Digest, slots: u32) -> u32 {
-    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % slots.max(1)
+/// Ways per set.
+pub const WAYS: u32 = 4;
+
+/// The slots a digest may occupy among `slots`: the ways of its two candidate sets (from
+/// two independent parts of the digest), the first set's first. With fewer than `WAYS`
+/// slots all of them form one set; a remainder past the last whole set is unused.
+pub fn candidates(digest: &Digest, slots: u32) -> Vec<u32> {
+    let slots = slots.max(1);
+    let ways = WAYS.min(slots);
+    let sets = slots / ways;
+    let set = |at: usize| {
+        u32::from_be_bytes([digest[at], digest[at + 1], digest[at + 2], digest[at + 3]]) % sets
+    };
+    let (first, second) = (set(0), set(4));
+    let mut out: Vec<u32> = (0..ways).map(|w| first * ways + w).collect();
+    if second != first {
+        out.extend((0..ways).map(|w| second * ways + w));
+    }
+    out
 }
 
 /// The scope of a plugin's slots: a digest of its name, root id and whole configuration
@@ -110,6 +127,11 @@ impl Entry {
         })
     }
 
+    /// Whether this entry can still answer anyone at `now` (else its slot is free).
+    fn alive(&self, now: u64) -> bool {
+        now < self.not_after && now < self.expiry && self.workload_expiry.is_none_or(|w| now < w)
+    }
+
     /// Whether this entry may answer for `digest` at `now`: same token, within its age
     /// limit, outside the refresh window of the exchanged token, and before the workload
     /// token's expiry.
@@ -131,37 +153,87 @@ pub fn lookup(
     if !config.enabled {
         return None;
     }
-    let (bytes, _) = store.load(slot(digest, config.slots)).ok()?;
-    let entry = Entry::decode(&bytes?)?;
-    entry
-        .serves(digest, now, config.refresh_before_expiry.as_secs())
-        .then_some(entry.value)
+    for slot in candidates(digest, config.slots) {
+        let Ok((Some(bytes), _)) = store.load(slot) else {
+            continue;
+        };
+        if let Some(entry) = Entry::decode(&bytes)
+            && entry.digest == *digest
+        {
+            // A token has one entry: this one answers, or nothing does.
+            return entry
+                .serves(digest, now, config.refresh_before_expiry.as_secs())
+                .then_some(entry.value);
+        }
+    }
+    None
 }
 
-/// Stores `entry` in its slot, replacing whatever is there (the slot count is the
-/// bound; the newest exchange wins), with compare-and-swap so concurrent workers never
-/// interleave. An entry for the same token that lives and serves at least as long is
-/// kept.
+/// One candidate slot as read: where, what it holds, its CAS token.
+struct Seen {
+    slot: u32,
+    entry: Option<Entry>,
+    cas: Option<u32>,
+}
+
+/// A free way (empty, or serving no one at `now`) of the candidate set with the most
+/// free ways, the first set on a tie.
+fn emptier_set(seen: &[Seen], now: u64) -> Option<&Seen> {
+    let free = |s: &&Seen| s.entry.as_ref().is_none_or(|e| !e.alive(now));
+    let ways = (WAYS as usize).min(seen.len());
+    let (first, second) = seen.split_at(ways);
+    let count = |set: &[Seen]| set.iter().filter(free).count();
+    let set = if count(second) > count(first) {
+        second
+    } else {
+        first
+    };
+    set.iter().find(free)
+}
+
+/// Stores `entry` (at `now`) among its candidate slots, with compare-and-swap so
+/// concurrent workers never interleave: over the token's own entry, unless that lives and
+/// serves at least as long (then it is kept); else in an empty or expired way; else over
+/// the candidate nearest its end of use. The slot count stays the bound.
 pub fn insert(
     store: &impl SlotStore,
     config: &CacheConfig,
     entry: &Entry,
+    now: u64,
 ) -> Result<(), StoreError> {
     if !config.enabled {
         return Ok(());
     }
-    let slot = slot(&entry.digest, config.slots);
     let bytes = entry.encode();
+    let slots = candidates(&entry.digest, config.slots);
     for _ in 0..MAX_ATTEMPTS {
-        let (current, cas) = store.load(slot)?;
-        if let Some(existing) = current.as_deref().and_then(Entry::decode)
-            && existing.digest == entry.digest
-            && existing.expiry >= entry.expiry
-            && existing.not_after >= entry.not_after
-        {
-            return Ok(());
+        let mut seen = Vec::with_capacity(slots.len());
+        for &slot in &slots {
+            let (current, cas) = store.load(slot)?;
+            let entry = current.as_deref().and_then(Entry::decode);
+            seen.push(Seen { slot, entry, cas });
         }
-        match store.store(slot, &bytes, cas) {
+        let own = seen
+            .iter()
+            .find(|s| s.entry.as_ref().is_some_and(|e| e.digest == entry.digest));
+        let target = match own {
+            Some(Seen {
+                entry: Some(existing),
+                ..
+            }) if existing.expiry >= entry.expiry && existing.not_after >= entry.not_after => {
+                return Ok(());
+            }
+            Some(own) => own,
+            // Two choices only balance if the emptier set is taken.
+            None => emptier_set(&seen, now)
+                .or_else(|| {
+                    seen.iter().min_by_key(|s| {
+                        s.entry.as_ref().map_or((0, 0), |e| (e.not_after, e.expiry))
+                    })
+                })
+                .ok_or(StoreError::Host)?,
+        };
+        match store.store(target.slot, &bytes, target.cas) {
             Err(StoreError::CasMismatch) => continue,
             other => return other,
         }
@@ -265,13 +337,13 @@ pub(crate) mod tests {
         let store = MemoryStore::default();
         // One slot: every token collides, so only the digest keeps them apart.
         let c = config(1);
-        insert(&store, &c, &entry("a", 4000)).unwrap();
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
         assert_eq!(
             lookup(&store, &c, &digest("a"), 1000),
             Some("Bearer m-a".into())
         );
         assert_eq!(lookup(&store, &c, &digest("b"), 1000), None);
-        insert(&store, &c, &entry("b", 4000)).unwrap();
+        insert(&store, &c, &entry("b", 4000), 1000).unwrap();
         assert_eq!(
             lookup(&store, &c, &digest("a"), 1000),
             None,
@@ -287,7 +359,7 @@ pub(crate) mod tests {
     fn nothing_is_served_inside_the_refresh_window_or_after_the_workload_token_expires() {
         let store = MemoryStore::default();
         let c = config(8);
-        insert(&store, &c, &entry("a", 4000)).unwrap();
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
         assert!(lookup(&store, &c, &digest("a"), 3939).is_some());
         assert_eq!(
             lookup(&store, &c, &digest("a"), 3940),
@@ -299,7 +371,7 @@ pub(crate) mod tests {
             ..entry("a", 4000)
         };
         let store = MemoryStore::default();
-        insert(&store, &c, &short_workload).unwrap();
+        insert(&store, &c, &short_workload, 1000).unwrap();
         assert!(lookup(&store, &c, &digest("a"), 1999).is_some());
         assert_eq!(
             lookup(&store, &c, &digest("a"), 2000),
@@ -316,7 +388,7 @@ pub(crate) mod tests {
             not_after: 1060,
             ..entry("a", 4000)
         };
-        insert(&store, &c, &young).unwrap();
+        insert(&store, &c, &young, 1000).unwrap();
         assert!(lookup(&store, &c, &digest("a"), 1059).is_some());
         assert_eq!(lookup(&store, &c, &digest("a"), 1060), None, "too old");
         // A re-check after the age limit stores the same token again, serving longer.
@@ -324,7 +396,7 @@ pub(crate) mod tests {
             not_after: 1120,
             ..young
         };
-        insert(&store, &c, &renewed).unwrap();
+        insert(&store, &c, &renewed, 1000).unwrap();
         assert!(lookup(&store, &c, &digest("a"), 1100).is_some());
     }
 
@@ -350,7 +422,7 @@ pub(crate) mod tests {
         let store = MemoryStore::default();
         let c = config(4);
         for token in ["a", "b", "c", "d", "e"] {
-            insert(&store, &c, &entry(token, 4000)).unwrap();
+            insert(&store, &c, &entry(token, 4000), 1000).unwrap();
         }
         clear(&store, 4);
         for token in ["a", "b", "c", "d", "e"] {
@@ -363,7 +435,7 @@ pub(crate) mod tests {
         let store = MemoryStore::default();
         let c = config(8);
         *store.conflicts.borrow_mut() = 2;
-        insert(&store, &c, &entry("a", 4000)).unwrap();
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
         assert_eq!(*store.stores.borrow(), 3);
         assert_eq!(
             lookup(&store, &c, &digest("a"), 1000),
@@ -377,7 +449,7 @@ pub(crate) mod tests {
         let c = config(8);
         *store.conflicts.borrow_mut() = 100;
         assert_eq!(
-            insert(&store, &c, &entry("a", 4000)),
+            insert(&store, &c, &entry("a", 4000), 1000),
             Err(StoreError::CasMismatch)
         );
         assert_eq!(*store.stores.borrow(), MAX_ATTEMPTS);
@@ -388,8 +460,8 @@ pub(crate) mod tests {
     fn a_longer_lived_entry_for_the_same_token_is_kept() {
         let store = MemoryStore::default();
         let c = config(8);
-        insert(&store, &c, &entry("a", 4000)).unwrap();
-        insert(&store, &c, &entry("a", 3000)).unwrap();
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
+        insert(&store, &c, &entry("a", 3000), 1000).unwrap();
         assert_eq!(*store.stores.borrow(), 1);
     }
 
@@ -400,15 +472,80 @@ pub(crate) mod tests {
             enabled: false,
             ..config(8)
         };
-        insert(&store, &c, &entry("a", 4000)).unwrap();
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
         assert_eq!(*store.stores.borrow(), 0);
         assert_eq!(lookup(&store, &c, &digest("a"), 1000), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
-    fn slots_stay_within_the_bound() {
-        for token in ["a", "b", "c", "d", "e"] {
-            assert!(slot(&digest(token), 3) < 3);
+    fn candidate_slots_stay_within_the_bound_and_are_distinct() {
+        for slots in [1, 3, 4, 5, 8, 4096, 65_536] {
+            for token in ["a", "b", "c", "d", "e", "f"] {
+                let mut found = candidates(&digest(token), slots);
+                assert!(found.len() <= 2 * WAYS as usize && !found.is_empty());
+                assert!(found.iter().all(|&s| s < slots), "{slots}: {found:?}");
+                found.sort_unstable();
+                found.dedup();
+                assert_eq!(found.len(), candidates(&digest(token), slots).len());
+            }
+        }
+        assert_eq!(candidates(&digest("a"), 3), [0, 1, 2]);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn half_as_many_identities_as_slots_all_stay_cached() {
+        // Direct mapping loses about a fifth of these to collisions, for ever.
+        let store = MemoryStore::default();
+        let c = config(4096);
+        let tokens: Vec<String> = (0..2048).map(|i| format!("token-{i}")).collect();
+        for token in &tokens {
+            insert(&store, &c, &entry(token, 4000), 1000).unwrap();
+        }
+        let cached = tokens
+            .iter()
+            .filter(|t| lookup(&store, &c, &digest(t), 1000).is_some())
+            .count();
+        assert_eq!(cached, tokens.len());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_full_set_gives_up_its_entry_nearest_the_end_of_use() {
+        // Four slots: one set, which every token's two choices name.
+        let store = MemoryStore::default();
+        let c = config(4);
+        for (token, not_after) in [("a", 9000), ("b", 7000), ("c", 9500), ("d", 8000)] {
+            let e = Entry {
+                not_after,
+                ..entry(token, 10_000)
+            };
+            insert(&store, &c, &e, 1000).unwrap();
+        }
+        insert(&store, &c, &entry("e", 10_000), 1000).unwrap();
+        let kept: Vec<&str> = ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .filter(|t| lookup(&store, &c, &digest(t), 1000).is_some())
+            .collect();
+        assert_eq!(kept, ["a", "c", "d", "e"], "b ended soonest");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_way_that_serves_no_one_is_taken_before_any_eviction() {
+        let store = MemoryStore::default();
+        let c = config(4);
+        for (token, not_after) in [("a", 9000), ("b", 1500), ("c", 9500), ("d", 8000)] {
+            let e = Entry {
+                not_after,
+                ..entry(token, 10_000)
+            };
+            insert(&store, &c, &e, 1000).unwrap();
+        }
+        // At 2000, b serves no one: its way is free although d ends sooner than a and c.
+        insert(&store, &c, &entry("e", 10_000), 2000).unwrap();
+        for token in ["a", "c", "d", "e"] {
+            assert!(
+                lookup(&store, &c, &digest(token), 2000).is_some(),
+                "{token}"
+            );
         }
     }
 }

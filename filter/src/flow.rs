@@ -245,7 +245,7 @@ fn remember(
         value: value.clone(),
     };
     // A lost race or a full host is not the request's problem: it is allowed either way.
-    let _ = cache::insert(cache, &config.cache, &entry);
+    let _ = cache::insert(cache, &config.cache, &entry, now);
 }
 
 fn text_response(status: u32, body: &str, challenge: Option<&str>) -> Step {

@@ -42,6 +42,43 @@ async fn a_repeated_token_is_served_from_the_cache_without_a_check() -> Result<(
 }
 
 #[tokio::test]
+async fn half_as_many_identities_as_slots_are_all_served_from_the_cache() -> Result<()> {
+    // 128 identities in 256 slots: with direct mapping about a fifth of them would
+    // collide and cost a Check on every request for ever.
+    const IDENTITIES: usize = 128;
+    // Long reuse on both sides, so only placement can make a second-round miss.
+    let config = json!({"cache": {"slots": 256, "max_age_s": 900}});
+    let long_reuse = ["--validation-cache-ttl", "15m"];
+    let stage = Stage::start_with(Path::Filter, &long_reuse, &config).await?;
+    let world = &stage.world;
+    let mut tokens = Vec::new();
+    for i in 0..IDENTITIES {
+        let name = format!("sa-{i}");
+        world.management.add_service_account("app-prod", &name);
+        let sa = world.workload.add_service_account("app-prod", &name);
+        tokens.push(world.workload.mint(&sa).sign());
+    }
+    let mut connection = http::Connection::open(stage.envoy.addr).await?;
+    for token in tokens.iter().chain(&tokens) {
+        let reply = connection
+            .get("/", &[("authorization", &format!("Bearer {token}"))])
+            .await?;
+        anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+    }
+    let e = &stage.envoy;
+    assert_eq!(
+        e.stat("wasmcustom.tokensmith.cache_misses").await?,
+        IDENTITIES as u64,
+        "only the first round asks the companion"
+    );
+    assert_eq!(
+        e.stat("wasmcustom.tokensmith.cache_hits").await?,
+        IDENTITIES as u64
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
     let stage = Stage::start(Path::Filter, &[]).await?;
     let first = stage.world.workload_token(Duration::from_secs(3600));
