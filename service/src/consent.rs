@@ -186,7 +186,15 @@ impl Consent {
         loop {
             match self.list(&api, &selector).await {
                 Ok(mut version) => loop {
+                    let started = std::time::Instant::now();
                     match self.follow(&api, &selector, &version).await {
+                        // A watch that ends at once (a proxy closing streams) must not
+                        // turn into a tight loop of watch requests.
+                        Ok(next) if started.elapsed() < BACKOFF.0 => {
+                            version = next;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(BACKOFF.1);
+                        }
                         Ok(next) => {
                             backoff = BACKOFF.0;
                             version = next;
@@ -250,10 +258,11 @@ impl Consent {
         selector: &str,
         version: &str,
     ) -> Result<String, String> {
+        // Bookmarks keep the resume version fresh in a quiet cluster, so a resumed watch
+        // does not meet 410 and a full relist after compaction.
         let params = WatchParams::default()
             .labels(selector)
-            .timeout(WATCH_SECONDS)
-            .disable_bookmarks();
+            .timeout(WATCH_SECONDS);
         let mut version = version.to_owned();
         let watched = async {
             let stream = api

@@ -104,6 +104,33 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A waiter in a queue, until it holds a turn (`settled`) or gives up. Dropped unsettled
+/// — timed out, or its future cancelled — it withdraws its claim and passes on a turn
+/// that was handed to it meanwhile, so no turn is ever lost.
+struct Waiting {
+    state: Arc<Mutex<State>>,
+    key: Option<SourceKey>,
+    handed: oneshot::Receiver<()>,
+    settled: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.handed.close();
+        let got_one = self.handed.try_recv().is_ok();
+        let mut state = lock(&self.state);
+        if let Some(key) = self.key {
+            state.unclaim(key);
+        }
+        if got_one {
+            state.hand_over();
+        }
+    }
+}
+
 impl Turns {
     /// `max_in_flight` turns; a client past `per_source` of them waits behind the others
     /// (0: no shares, first come first served).
@@ -121,7 +148,7 @@ impl Turns {
     pub async fn take(&self, source: Option<IpAddr>, wait: Duration) -> Result<Turn, Busy> {
         let until = Instant::now() + wait;
         let key = source.filter(|_| self.per_source > 0).map(SourceKey::of);
-        let (mut handed, past_share) = {
+        let (handed, past_share) = {
             let mut state = lock(&self.state);
             let past_share =
                 key.is_some_and(|k| state.claimed.get(&k).copied().unwrap_or(0) >= self.per_source);
@@ -136,16 +163,23 @@ impl Turns {
             state.waiting[usize::from(past_share)].push_back(tx);
             (rx, past_share)
         };
-        if tokio::time::timeout_at(until, &mut handed).await.is_ok() {
-            return Ok(self.turn(key));
-        }
+        // From here the wait can also end by this future being dropped (the Check's
+        // deadline, a reset stream): the guard then gives back a turn handed to it.
+        let mut waiting = Waiting {
+            state: self.state.clone(),
+            key,
+            handed,
+            settled: false,
+        };
+        let outcome = tokio::time::timeout_at(until, &mut waiting.handed).await;
         // Too late, unless the turn was handed over just now: then it is ours to use.
-        handed.close();
-        if handed.try_recv().is_ok() {
+        let handed = matches!(outcome, Ok(Ok(()))) || {
+            waiting.handed.close();
+            waiting.handed.try_recv().is_ok()
+        };
+        if handed {
+            waiting.settled = true;
             return Ok(self.turn(key));
-        }
-        if let Some(k) = key {
-            lock(&self.state).unclaim(k);
         }
         Err(Busy { past_share })
     }
@@ -225,6 +259,52 @@ mod tests {
         let _a = turns.take(ip("10.0.0.4"), Duration::ZERO).await.unwrap();
         let _b = turns.take(ip("10.0.0.5"), Duration::ZERO).await.unwrap();
         assert!(lock(&turns.state).claimed.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_after_a_turn_was_handed_to_it_passes_the_turn_on() {
+        let turns = Turns::new(1, 1);
+        let held = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+        let mut waiter = Box::pin(turns.take(ip("10.0.0.2"), Duration::from_secs(5)));
+        // Polled once: it is queued.
+        tokio::select! {
+            biased;
+            _ = &mut waiter => panic!("no turn was free"),
+            () = tokio::task::yield_now() => {}
+        }
+        // The turn goes to the queued waiter, whose Check is then cancelled (deadline,
+        // reset) before it ever runs again.
+        drop(held);
+        drop(waiter);
+        let _again = turns
+            .take(ip("10.0.0.3"), Duration::ZERO)
+            .await
+            .expect("the turn came back");
+        assert_eq!(
+            lock(&turns.state).claimed.len(),
+            1,
+            "only 10.0.0.3 holds a claim"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_withdraws_its_claim() {
+        let turns = Turns::new(1, 1);
+        let _held = turns.take(ip("10.0.0.1"), WAIT).await.unwrap();
+        for _ in 0..3 {
+            let mut waiter = Box::pin(turns.take(ip("10.0.0.2"), Duration::from_secs(5)));
+            tokio::select! {
+                biased;
+                _ = &mut waiter => panic!("no turn was free"),
+                () = tokio::task::yield_now() => {}
+            }
+        }
+        // Three cancelled waits left no claim behind: 10.0.0.2 is within its share.
+        assert!(
+            !lock(&turns.state)
+                .claimed
+                .contains_key(&SourceKey::of("10.0.0.2".parse().unwrap()))
+        );
     }
 
     #[tokio::test]
