@@ -247,6 +247,14 @@ fn attributes(group: &str, resource: &str, sub: &str, verb: &str, ns: &str) -> R
     }
 }
 
+/// A SelfSubjectAccessReview that got no answer: the credentials themselves are suspect.
+fn review_failed(who: &str, error: &str) -> Finding {
+    Finding::fail(
+        format!("{who}: SelfSubjectAccessReview failed: {error}"),
+        format!("check the {who} credentials"),
+    )
+}
+
 async fn reviewer(findings: &mut Vec<Finding>, name: &str, client: &kube::Client) {
     let wanted = attributes("authentication.k8s.io", "tokenreviews", "", "create", "");
     findings.push(match may(client, wanted).await {
@@ -255,10 +263,7 @@ async fn reviewer(findings: &mut Vec<Finding>, name: &str, client: &kube::Client
             format!("{name}: may not create TokenReviews"),
             "kubectl apply -k deploy/workload-cluster/ (ClusterRole tokensmith-tokenreview) for the reviewer",
         ),
-        Err(e) => Finding::fail(
-            format!("{name}: SelfSubjectAccessReview failed: {e}"),
-            "check the reviewer's credentials",
-        ),
+        Err(e) => review_failed(name, &e),
     });
 }
 
@@ -349,10 +354,7 @@ async fn minting(
             Ok(false) => Finding::pass(
                 "management: no cluster-wide minting (name namespaces with --namespace to check them)",
             ),
-            Err(e) => Finding::fail(
-                format!("management: SelfSubjectAccessReview failed: {e}"),
-                "check the management credentials",
-            ),
+            Err(e) => review_failed("management", &e),
         });
     }
     for namespace in namespaces {
@@ -363,10 +365,7 @@ async fn minting(
                 format!("management: may not mint tokens in {namespace}"),
                 format!("add a RoleBinding for {namespace} to deploy/token-namespaces.yaml"),
             ),
-            Err(e) => Finding::fail(
-                format!("management: SelfSubjectAccessReview failed: {e}"),
-                "check the management credentials",
-            ),
+            Err(e) => review_failed("management", &e),
         });
     }
     if consent {
@@ -378,10 +377,7 @@ async fn minting(
                     format!("management: may not {verb} service accounts (--require-sa-label)"),
                     "add the component deploy/components/require-sa-label",
                 ),
-                Err(e) => Finding::fail(
-                    format!("management: SelfSubjectAccessReview failed: {e}"),
-                    "check the management credentials",
-                ),
+                Err(e) => review_failed("management", &e),
             });
         }
     }
