@@ -1,7 +1,6 @@
 //! The ext_authz `Check` RPC: glue between Envoy's CheckRequest, the decision
 //! (`Authorizer::decide`) and the CheckResponse, plus the one log line per decision.
 
-pub mod bearer;
 pub mod decision;
 
 use std::{
@@ -18,8 +17,9 @@ use tokensmith_proto::envoy::service::auth::v3::{
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::deny::{Denial, DenyReason, Side};
 use crate::{
-    cluster::Cluster,
+    bearer,
     consent::Consent,
     deadline,
     exchange::{
@@ -32,25 +32,6 @@ use crate::{
     secret::ExchangedToken,
     workload::Workloads,
 };
-use decision::DenyReason;
-
-/// A refusal and, for the log only, what the cluster said about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    /// Why: decides the status the client sees.
-    pub reason: DenyReason,
-    /// Details for operators (an API status message, an error chain). Never a token.
-    pub detail: Option<String>,
-}
-
-impl From<DenyReason> for Denial {
-    fn from(reason: DenyReason) -> Self {
-        Denial {
-            reason,
-            detail: None,
-        }
-    }
-}
 
 /// What `decide` concluded.
 #[derive(Debug)]
@@ -149,11 +130,11 @@ impl Authorizer {
             Err(denial) => return denied(None, None, denial),
         };
         let source = Some(cluster.name().clone());
-        let (review, validation_cached) =
+        let review =
             match tokio::time::timeout_at(deadline, cluster.validate(&token, client_ip)).await {
                 Ok(Ok(validated)) => validated,
                 Ok(Err(denial)) => return denied(source, None, denial),
-                Err(_) => return denied(source, None, out_of_time(Cluster::Workload, budget)),
+                Err(_) => return denied(source, None, out_of_time(Side::Workload, budget)),
             };
         if let Err(denial) = cluster.admit(&review.identity) {
             return denied(source, Some(review.identity), denial);
@@ -225,20 +206,20 @@ impl Authorizer {
         };
         let exchange = self.exchanger.exchange(key, lifetime);
         match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(Ok((token, cache_hit))) => Outcome::Allowed {
+            Ok(Ok(exchanged)) => Outcome::Allowed {
                 workload_cluster: cluster.name().clone(),
+                validation_cached: review.from_cache,
                 identity: review.identity,
-                token,
+                token: exchanged.token,
                 lifetime,
-                cache_hit,
-                validation_cached,
+                cache_hit: exchanged.cache_hit,
                 reuse,
             },
             Ok(Err(denial)) => denied(source, Some(review.identity), denial),
             Err(_) => denied(
                 source,
                 Some(review.identity),
-                out_of_time(Cluster::Management, budget),
+                out_of_time(Side::Management, budget),
             ),
         }
     }
@@ -268,7 +249,7 @@ fn source_ip(peer: Option<&Peer>) -> Option<IpAddr> {
         .ok()
 }
 
-fn out_of_time(cluster: Cluster, budget: Duration) -> Denial {
+fn out_of_time(cluster: Side, budget: Duration) -> Denial {
     Denial {
         reason: DenyReason::DeadlineExceeded(cluster),
         detail: Some(format!("no answer within the check budget of {budget:?}")),
@@ -431,7 +412,7 @@ fn log_decision(outcome: &Outcome, request_id: &str, latency: Duration) {
         } => {
             let reason = denial.reason.as_str();
             let workload_cluster = workload_cluster.as_deref().unwrap_or("");
-            let cluster = denial.reason.cluster().map_or("", Cluster::as_str);
+            let cluster = denial.reason.cluster().map_or("", Side::as_str);
             let detail = denial.detail.as_deref().unwrap_or("");
             let status = denial.reason.status().0 as i32;
             // A dependency failure is the operator's problem: warn. A refused client: info.

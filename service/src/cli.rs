@@ -5,6 +5,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::{duration, names};
+
 /// Tokensmith: exchange workload-cluster service-account tokens for management-cluster ones.
 #[derive(Debug, Parser)]
 #[command(name = "tokensmith", version, propagate_version = true)]
@@ -94,7 +96,7 @@ pub struct AuthzArgs {
     pub require_sa_label: String,
     /// Longest lifetime of an exchanged token (seconds, or with a unit: 90m, 1h); also
     /// capped by the workload token's remaining life, never below 600 s.
-    #[arg(long, env = "TOKENSMITH_TOKEN_EXPIRATION", default_value = "3600", value_parser = parse_duration)]
+    #[arg(long, env = "TOKENSMITH_TOKEN_EXPIRATION", default_value = "3600", value_parser = duration::parse)]
     pub token_expiration: Duration,
     /// Audience of the exchanged tokens (repeatable or comma-separated); none means the
     /// management API server's own audiences.
@@ -106,7 +108,7 @@ pub struct AuthzArgs {
     pub audiences: Vec<String>,
     /// Time limit for the Kubernetes calls of one check (seconds, or 500ms, 2s); Envoy's
     /// own deadline (grpc-timeout) applies when sooner.
-    #[arg(long, env = "TOKENSMITH_KUBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TOKENSMITH_KUBE_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub kube_timeout: Duration,
     /// Most Kubernetes calls in flight per API server; more wait for a slot within
     /// their check's deadline.
@@ -117,7 +119,7 @@ pub struct AuthzArgs {
     pub cache_max_entries: u64,
     /// How long a TokenReview answer is reused (never past the token's expiry; 0 turns
     /// the validation cache off).
-    #[arg(long, env = "TOKENSMITH_VALIDATION_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TOKENSMITH_VALIDATION_CACHE_TTL", default_value = "10s", value_parser = duration::parse)]
     pub validation_cache_ttl: Duration,
     /// TokenReviews in flight per workload cluster, for tokens not in the validation
     /// cache; a check that finds none free within 0.5 s gets 429, so unknown tokens
@@ -168,7 +170,7 @@ pub struct AuthzArgs {
     pub tls_max_handshakes: usize,
     /// HTTP/2 keepalive PING interval (0 turns it off); an unanswered PING closes the
     /// connection after 10 s.
-    #[arg(long, env = "TOKENSMITH_GRPC_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TOKENSMITH_GRPC_KEEPALIVE", default_value = "30s", value_parser = duration::parse)]
     pub grpc_keepalive: Duration,
 }
 
@@ -222,8 +224,8 @@ pub struct JwksArgs {
     pub name: Option<String>,
 }
 
-fn parse_cluster_name(value: &str) -> Result<String, String> {
-    crate::clusters::check_name(value).map(|()| value.to_owned())
+fn parse_cluster_name(value: &str) -> Result<String, names::NotALabel> {
+    names::check_label(value).map(|()| value.to_owned())
 }
 
 /// Log levels.
@@ -248,52 +250,9 @@ pub enum LogFormat {
     Text,
 }
 
-/// Parses `3600`, `3600s`, `500ms`, `90m` or `1h`; a plain number is seconds.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (digits, unit) = value.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration (e.g. 3600, 30s, 500ms, 10m, 1h)"))?;
-    let duration = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "{value:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Ok(duration)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_and_without_units() {
-        assert_eq!(parse_duration("3600"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-    }
-
-    #[test]
-    fn bad_durations_say_what_is_wrong() {
-        assert!(parse_duration("").unwrap_err().contains("not a duration"));
-        assert!(parse_duration("-1").unwrap_err().contains("not a duration"));
-        assert!(
-            parse_duration("5d")
-                .unwrap_err()
-                .contains("unknown unit \"d\"")
-        );
-    }
 
     #[test]
     fn authz_defaults_match_the_original_tool() {

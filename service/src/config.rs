@@ -5,11 +5,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use crate::{
     Error,
     cli::AuthzArgs,
-    cluster::{ClusterSource, KubeSettings},
-    clusters::{self, ClustersConfig, namespaces::Glob},
+    clusters_file::{self, ClustersConfig},
     consent::{LabelError, LabelRequirement},
     exchange::MIN_TOKEN_LIFETIME,
+    kube_client::{ClusterSource, KubeSettings},
     listener::Limits,
+    namespaces::Glob,
     tls::TlsFiles,
 };
 
@@ -275,7 +276,7 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
             });
         } else {
             let path = PathBuf::from(&args.clusters_config);
-            let config = clusters::load(&path, &companion_namespace)?;
+            let config = clusters_file::load(&path, &companion_namespace)?;
             WorkloadsSource::File { path, config }
         };
         let require_sa_label = match args.require_sa_label.as_str() {

@@ -19,9 +19,9 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::{
-    authz::{Denial, decision::DenyReason},
-    cluster::{self, Cluster},
-    identity::{ServiceAccountRef, is_dns1123_subdomain},
+    deny::{self, Denial, DenyReason, Side},
+    identity::ServiceAccountRef,
+    names::is_subdomain,
 };
 
 /// How long the API server keeps one watch open before we resume it (kube-rs's default).
@@ -79,7 +79,7 @@ impl FromStr for LabelRequirement {
             .split_once('=')
             .ok_or_else(|| LabelError::Shape(text.to_owned()))?;
         let key_ok = match key.rsplit_once('/') {
-            Some((prefix, name)) => is_dns1123_subdomain(prefix) && is_label_part(name, false),
+            Some((prefix, name)) => is_subdomain(prefix) && is_label_part(name, false),
             None => is_label_part(key, false),
         };
         if !key_ok {
@@ -143,7 +143,7 @@ impl Consent {
         let (synced, labelled) = self.read(|a| (a.synced, a.labelled.contains(&key)));
         if !synced {
             return Err(Denial {
-                reason: DenyReason::Unavailable(Cluster::Management),
+                reason: DenyReason::Unavailable(Side::Management),
                 detail: Some("service accounts labelled for exchange not listed yet".to_owned()),
             });
         }
@@ -232,7 +232,7 @@ impl Consent {
             crate::metrics::code_of(&listed, "200"),
             started.elapsed(),
         );
-        let listed = listed.map_err(|e| cluster::describe(&e))?;
+        let listed = listed.map_err(|e| deny::describe(&e))?;
         let labelled: HashSet<_> = listed
             .items
             .iter()
@@ -268,8 +268,8 @@ impl Consent {
             let stream = api
                 .watch(&params, &version)
                 .await
-                .map_err(|e| cluster::describe(&e))?;
-            let mut stream = std::pin::pin!(stream.map_err(|e| cluster::describe(&e)));
+                .map_err(|e| deny::describe(&e))?;
+            let mut stream = std::pin::pin!(stream.map_err(|e| deny::describe(&e)));
             while let Some(event) = stream.next().await {
                 let (present, sa) = match event? {
                     WatchEvent::Added(sa) | WatchEvent::Modified(sa) => (true, sa),
@@ -363,7 +363,7 @@ mod tests {
         let sa = ServiceAccountRef::new("app-prod", "eso-sa").unwrap();
         let other = ServiceAccountRef::new("app-prod", "other").unwrap();
         let before = consent.check(&sa).unwrap_err();
-        assert_eq!(before.reason, DenyReason::Unavailable(Cluster::Management));
+        assert_eq!(before.reason, DenyReason::Unavailable(Side::Management));
         consent.write(|a| {
             a.synced = true;
             a.labelled.insert(("app-prod".into(), "eso-sa".into()));

@@ -16,10 +16,11 @@ use kube::api::{Api, PostParams};
 
 use crate::{
     Error,
-    cluster::{self, Cluster, ClusterSource, KubeSettings},
-    clusters::{ClusterSpec, Method},
+    clusters_file::{ClusterSpec, Method},
     config::{AuthzConfig, SingleCluster, WorkloadsSource},
+    deny::{self, Side},
     jwks::{KeySource, fetch::Fetcher},
+    kube_client::{self, ClusterSource, KubeSettings},
 };
 
 /// Clock skew past which tokens' time claims start to misbehave.
@@ -72,7 +73,7 @@ pub async fn examine(config: &AuthzConfig, namespaces: &[String]) -> Vec<Finding
     let management = api_server(
         &mut findings,
         "management",
-        Cluster::Management,
+        Side::Management,
         &config.management,
         &config.kube,
     )
@@ -117,11 +118,11 @@ pub async fn examine(config: &AuthzConfig, namespaces: &[String]) -> Vec<Finding
 async fn api_server(
     findings: &mut Vec<Finding>,
     name: &str,
-    cluster: Cluster,
+    cluster: Side,
     source: &ClusterSource,
     settings: &KubeSettings,
 ) -> Option<kube::Client> {
-    let client = match cluster::client(cluster, source, settings).await {
+    let client = match kube_client::client(cluster, source, settings).await {
         Ok(client) => client,
         Err(e) => {
             findings.push(Finding::fail(
@@ -145,7 +146,7 @@ async fn api_server(
         }
         Ok(Err(e)) => {
             findings.push(Finding::fail(
-                format!("{name} API server unreachable: {}", cluster::describe(&e)),
+                format!("{name} API server unreachable: {}", deny::describe(&e)),
                 "check its address and CA in the kubeconfig, and the NetworkPolicy egress",
             ));
             return None;
@@ -231,7 +232,7 @@ async fn may(client: &kube::Client, attributes: ResourceAttributes) -> Result<bo
     let answer = api
         .create(&PostParams::default(), &review)
         .await
-        .map_err(|e| cluster::describe(&e))?;
+        .map_err(|e| deny::describe(&e))?;
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
@@ -275,7 +276,7 @@ async fn single_cluster(
     let client = api_server(
         findings,
         "workload",
-        Cluster::Workload,
+        Side::Workload,
         &single.source,
         settings,
     )
@@ -294,7 +295,7 @@ async fn file_cluster(findings: &mut Vec<Finding>, spec: &ClusterSpec, settings:
         Method::TokenReview { kubeconfig } => {
             let source = ClusterSource::Kubeconfig(kubeconfig.clone());
             if let Some(client) =
-                api_server(findings, &name, Cluster::Workload, &source, settings).await
+                api_server(findings, &name, Side::Workload, &source, settings).await
             {
                 reviewer(findings, &name, &client).await;
             }

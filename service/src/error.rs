@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use crate::cluster::Cluster;
+use crate::deny::Side;
 
 /// Errors of the companion (configuration, start-up, serving).
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum Error {
     #[error("{cluster} cluster: kubeconfig {}: {source}", path.display())]
     Kubeconfig {
         /// Which cluster it was meant for.
-        cluster: Cluster,
+        cluster: Side,
         /// The file.
         path: PathBuf,
         /// Why it failed.
@@ -44,7 +44,7 @@ pub enum Error {
     )]
     InCluster {
         /// Which cluster it was meant for.
-        cluster: Cluster,
+        cluster: Side,
         /// Why it failed.
         source: kube::config::InClusterError,
     },
@@ -52,7 +52,7 @@ pub enum Error {
     #[error("{cluster} cluster: cannot build client: {source}")]
     Client {
         /// Which cluster it was meant for.
-        cluster: Cluster,
+        cluster: Side,
         /// Why it failed.
         source: kube::Error,
     },

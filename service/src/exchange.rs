@@ -12,8 +12,7 @@ use k8s_openapi::api::{
 use kube::api::{Api, PostParams};
 
 use crate::{
-    authz::{Denial, decision::DenyReason},
-    cluster::{self, Cluster},
+    deny::{self, Denial, DenyReason, Side},
     identity::ServiceAccountRef,
     secret::ExchangedToken,
 };
@@ -71,19 +70,19 @@ impl Exchanger {
             started.elapsed(),
         );
         let response = response.map_err(|e| Denial {
-            reason: cluster::classify(
+            reason: deny::classify(
                 &e,
-                Cluster::Management,
+                Side::Management,
                 Some(DenyReason::UnknownServiceAccount),
                 Some(DenyReason::ExchangeForbidden),
             ),
-            detail: Some(cluster::describe(&e)),
+            detail: Some(deny::describe(&e)),
         })?;
         let status = response
             .status
             .filter(|s| !s.token.is_empty())
             .ok_or(Denial {
-                reason: DenyReason::Unavailable(Cluster::Management),
+                reason: DenyReason::Unavailable(Side::Management),
                 detail: Some("TokenRequest answered without a token".to_owned()),
             })?;
         // The API may shorten what we asked for: trust its timestamp, not our request.

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::names;
+
 /// The `system:serviceaccount:` prefix Kubernetes gives service-account usernames.
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
@@ -35,7 +37,7 @@ impl ServiceAccountRef {
 
     /// Builds a reference from its parts, validating both.
     pub fn new(namespace: &str, name: &str) -> Result<Self, IdentityError> {
-        if !is_dns1123_label(namespace) || !is_dns1123_subdomain(name) {
+        if !names::is_label(namespace) || !names::is_subdomain(name) {
             return Err(IdentityError::InvalidName);
         }
         Ok(Self {
@@ -70,22 +72,18 @@ pub struct WorkloadIdentity {
     pub uid: String,
 }
 
-/// RFC 1123 label as Kubernetes validates namespaces: 1–63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns1123_label(s: &str) -> bool {
-    let bytes = s.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
-}
-
-/// RFC 1123 subdomain as Kubernetes validates object names: at most 253 bytes of labels joined by dots.
-pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
-    // Subdomain labels may be up to 63 bytes; the overall limit is what binds.
-    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+/// A token the workload cluster accepted, and when it stops being valid.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// Whose token it is.
+    pub identity: WorkloadIdentity,
+    /// When the token's intended life ends (`min(exp, kubernetes.io.warnafter)`), if it
+    /// says; `None` for tokens without `exp`, such as legacy secret-based ones.
+    pub expires_at: Option<std::time::SystemTime>,
+    /// When the verdict was reached (a cached one keeps its original time).
+    pub validated_at: std::time::Instant,
+    /// Whether the verdict came from the validation cache.
+    pub from_cache: bool,
 }
 
 #[cfg(test)]

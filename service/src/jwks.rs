@@ -20,9 +20,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    authz::{Denial, decision::DenyReason},
-    cluster::Cluster,
-    review::Review,
+    deny::{Denial, DenyReason, Side},
+    identity::Validated,
     secret::BearerToken,
 };
 use fetch::{Endpoint, Fetcher};
@@ -102,7 +101,7 @@ impl Drop for Inner {
 
 fn unavailable(detail: impl Into<String>) -> Denial {
     Denial {
-        reason: DenyReason::Unavailable(Cluster::Workload),
+        reason: DenyReason::Unavailable(Side::Workload),
         detail: Some(detail.into()),
     }
 }
@@ -179,7 +178,7 @@ impl JwksValidator {
         &self,
         token: &BearerToken,
         expect: &Expectations<'_>,
-    ) -> Result<Review, Denial> {
+    ) -> Result<Validated, Denial> {
         let token = token.expose();
         let header = verify::header(token)?;
         let mut refreshed = false;

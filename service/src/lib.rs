@@ -10,22 +10,27 @@
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod admin;
 pub mod authz;
+pub mod bearer;
 pub mod cli;
-pub mod cluster;
-pub mod clusters;
+pub mod clusters_file;
 pub mod config;
 pub mod consent;
 pub mod deadline;
+pub mod deny;
 pub mod doctor;
+pub mod duration;
 pub mod error;
 pub mod exchange;
 pub mod greet;
 pub mod identity;
 pub mod jwks;
+pub mod kube_client;
 pub mod listener;
 pub mod metrics;
-pub mod ops;
+pub mod names;
+pub mod namespaces;
 pub mod ratelimit;
 pub mod review;
 pub mod secret;

@@ -16,9 +16,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    authz::{Denial, decision::DenyReason},
-    cluster::{self, Cluster},
-    identity::{IdentityError, ServiceAccountRef, WorkloadIdentity},
+    deny::{self, Denial, DenyReason, Side},
+    identity::{IdentityError, ServiceAccountRef, Validated, WorkloadIdentity},
     metrics::{self, CacheLabels},
     secret::BearerToken,
 };
@@ -34,7 +33,7 @@ const REJECTION_TTL: Duration = Duration::from_secs(1);
 
 /// What the validation cache remembers: an answer the API server gave (not a failure to
 /// get one: those are never kept).
-type Answer = Result<Review, Denial>;
+type Answer = Result<Validated, Denial>;
 
 /// Keeps an accepted token until min(ttl, its expiry), a rejection for at most 1 s.
 struct AnswerExpiry {
@@ -80,18 +79,6 @@ const VALIDATION: CacheLabels = CacheLabels {
     cache: "validation",
 };
 
-/// A token the workload cluster accepted, and when it stops being valid.
-#[derive(Debug, Clone)]
-pub struct Review {
-    /// Whose token it is.
-    pub identity: WorkloadIdentity,
-    /// When the token's intended life ends (`min(exp, kubernetes.io.warnafter)`), if it
-    /// says; `None` for tokens without `exp`, such as legacy secret-based ones.
-    pub expires_at: Option<SystemTime>,
-    /// When the verdict was reached (a cached one keeps its original time).
-    pub validated_at: std::time::Instant,
-}
-
 impl Reviewer {
     /// A reviewer using `client` (built for the workload cluster). Non-empty `audiences`
     /// go into the TokenReview, so the API server also checks `aud`; empty means the API
@@ -127,7 +114,7 @@ impl Reviewer {
     pub async fn reachable(&self, timeout: Duration) -> Result<(), String> {
         match tokio::time::timeout(timeout, self.client.apiserver_version()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(cluster::describe(&e)),
+            Ok(Err(e)) => Err(deny::describe(&e)),
             Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     }
@@ -148,27 +135,30 @@ impl Reviewer {
             Err(_) => Err(format!("no answer within {timeout:?}")),
             Ok(Ok(document)) => Ok(document.issuer.filter(|i| !i.is_empty())),
             Ok(Err(kube::Error::Api(status))) if matches!(status.code, 401 | 403 | 404) => Ok(None),
-            Ok(Err(e)) => Err(cluster::describe(&e)),
+            Ok(Err(e)) => Err(deny::describe(&e)),
         }
     }
 
     /// Asks the workload cluster about `token` (or reuses its recent answer). Only an
     /// authenticated service account with valid namespace and name passes. Concurrent
     /// reviews of one token make one call. `source` is the client's address, for its
-    /// share of the turns. Returns whether the answer was cached.
+    /// share of the turns.
     pub async fn review(
         &self,
         token: &BearerToken,
         source: Option<IpAddr>,
-    ) -> Result<(Review, bool), Denial> {
+    ) -> Result<Validated, Denial> {
         let Some(cache) = &self.cache else {
-            return self.ask(token, source).await.map(|r| (r, false));
+            return self.ask(token, source).await;
         };
         let key: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
         let m = metrics::global();
         if let Some(answer) = cache.get(&key).await {
             m.cache_hits.get_or_create(&VALIDATION).inc();
-            return answer.map(|r| (r, true));
+            return answer.map(|r| Validated {
+                from_cache: true,
+                ..r
+            });
         }
         m.cache_misses.get_or_create(&VALIDATION).inc();
         let answer = cache
@@ -185,10 +175,10 @@ impl Reviewer {
             })
             .await
             .map_err(|shared| (*shared).clone())?;
-        answer.map(|r| (r, false))
+        answer
     }
 
-    async fn ask(&self, token: &BearerToken, source: Option<IpAddr>) -> Result<Review, Denial> {
+    async fn ask(&self, token: &BearerToken, source: Option<IpAddr>) -> Result<Validated, Denial> {
         // A short wait absorbs ordinary bursts; past it the caller hears 429 at once
         // instead of queueing behind a flood until its deadline.
         let _turn = self.turns.take(source, TURN_WAIT).await.map_err(|busy| {
@@ -221,8 +211,8 @@ impl Reviewer {
             started.elapsed(),
         );
         let response = response.map_err(|e| Denial {
-            reason: cluster::classify(&e, Cluster::Workload, None, None),
-            detail: Some(cluster::describe(&e)),
+            reason: deny::classify(&e, Side::Workload, None, None),
+            detail: Some(deny::describe(&e)),
         })?;
         let status = response.status.unwrap_or_default();
         // A real API server omits `authenticated` when it rejects a token.
@@ -256,13 +246,14 @@ impl Reviewer {
             // Usernames identify a principal, they are not credentials.
             detail: Some(format!("user {username:?}")),
         })?;
-        Ok(Review {
+        Ok(Validated {
             identity: WorkloadIdentity {
                 service_account,
                 uid: user.uid.unwrap_or_default(),
             },
             expires_at: intended_expiry(token),
             validated_at: std::time::Instant::now(),
+            from_cache: false,
         })
     }
 }

@@ -8,17 +8,17 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{debug, info, warn};
 
 use crate::{
-    Error,
+    Error, admin,
     authz::{Authorizer, AuthzService},
-    cluster::{self, Cluster},
-    clusters::reload,
     config::{AuthzConfig, WorkloadsSource},
     consent::Consent,
+    deny::{self, Side},
     exchange::{Exchanger, cache::CachedExchanger},
-    listener, metrics, ops,
+    kube_client, listener, metrics,
     ratelimit::RateLimiter,
     tls::{self, ReloadingTls},
     workload::Workloads,
+    workload::reload,
 };
 
 /// How long an HTTP/2 keepalive PING may go unanswered before the connection is closed.
@@ -68,7 +68,8 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
             workloads
         }
     };
-    let management = cluster::client(Cluster::Management, &config.management, &config.kube).await?;
+    let management =
+        kube_client::client(Side::Management, &config.management, &config.kube).await?;
     let exchanger = CachedExchanger::new(
         Exchanger::new(management.clone(), config.audiences.clone()),
         config.cache_max_entries,
@@ -108,11 +109,11 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health {
         reporter,
-        ready: ops::Readiness::default(),
+        ready: admin::Readiness::default(),
     };
     health.set(ServingStatus::NotServing).await;
     let metrics_addr =
-        ops::serve(config.metrics_addr, metrics::global(), health.ready.clone()).await?;
+        admin::serve(config.metrics_addr, metrics::global(), health.ready.clone()).await?;
     let startup = tokio::spawn(startup_check(
         management,
         consent,
@@ -228,7 +229,7 @@ impl Running {
 #[derive(Clone)]
 struct Health {
     reporter: HealthReporter,
-    ready: ops::Readiness,
+    ready: admin::Readiness,
 }
 
 impl Health {
@@ -264,7 +265,7 @@ async fn startup_check(
                     debug!(cluster = "management", version = %version.git_version, "API server reachable");
                 }
                 Ok(Err(e)) => {
-                    warn!(cluster = "management", detail = %cluster::describe(&e), "API server not reachable yet");
+                    warn!(cluster = "management", detail = %deny::describe(&e), "API server not reachable yet");
                 }
                 Err(_) => warn!(
                     cluster = "management",

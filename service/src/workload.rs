@@ -2,6 +2,8 @@
 //! unverified `iss`), how that cluster validates it (TokenReview or JWKS), and which
 //! namespaces it may map into. The set is swapped whole when the clusters file changes.
 
+pub mod reload;
+
 use std::{
     collections::HashMap,
     path::Path,
@@ -16,13 +18,14 @@ use tokio::sync::Notify;
 
 use crate::{
     Error,
-    authz::{Denial, decision::DenyReason},
-    cluster::{self, Cluster, ClusterSource, KubeSettings},
-    clusters::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method, namespaces::NamespacePolicy},
+    clusters_file::{ClusterSpec, ClustersConfig, DEFAULT_LEEWAY, Method},
     config::{SingleCluster, SingleIssuer},
-    identity::WorkloadIdentity,
+    deny::{Denial, DenyReason, Side},
+    identity::{Validated, WorkloadIdentity},
     jwks::{JwksValidator, KeySource, verify},
-    review::{Review, Reviewer, turns::Turns},
+    kube_client::{self, ClusterSource, KubeSettings},
+    namespaces::NamespacePolicy,
+    review::{Reviewer, turns::Turns},
     secret::BearerToken,
 };
 
@@ -108,13 +111,12 @@ impl WorkloadCluster {
 
     /// Validates `token` with this cluster's method. Only an authenticated service
     /// account with valid namespace and name passes.
-    /// Also says whether the answer came from the validation cache (TokenReview only).
     /// `source` is the client's address, for its share of the TokenReview turns.
     pub async fn validate(
         &self,
         token: &BearerToken,
         source: Option<std::net::IpAddr>,
-    ) -> Result<(Review, bool), Denial> {
+    ) -> Result<Validated, Denial> {
         match &self.validator {
             Validator::TokenReview(reviewer) => {
                 // Junk never reaches the API server: the shape is checked here first.
@@ -127,7 +129,7 @@ impl WorkloadCluster {
                     audiences: &self.audiences,
                     leeway: self.leeway,
                 };
-                jwks.validate(token, &expect).await.map(|r| (r, false))
+                jwks.validate(token, &expect).await
             }
         }
     }
@@ -257,7 +259,7 @@ impl Workloads {
         settings: KubeSettings,
         companion_namespace: &str,
     ) -> Result<Self, Error> {
-        let client = cluster::client(Cluster::Workload, &single.source, &settings).await?;
+        let client = kube_client::client(Side::Workload, &single.source, &settings).await?;
         let only = Arc::new(WorkloadCluster {
             name: Arc::from(SINGLE_CLUSTER_NAME),
             issuer: String::new(),
@@ -380,7 +382,7 @@ async fn cluster(
     let (validator, leeway, jwks_source) = match &spec.method {
         Method::TokenReview { kubeconfig } => {
             let source = ClusterSource::Kubeconfig(kubeconfig.clone());
-            let client = cluster::client(Cluster::Workload, &source, &settings)
+            let client = kube_client::client(Side::Workload, &source, &settings)
                 .await
                 .map_err(|e| problem("tokenreview.kubeconfig", &e))?;
             let reviewer = Reviewer::new(
@@ -452,7 +454,8 @@ mod tests {
                 )
             })
             .collect();
-        crate::clusters::parse(&format!("clusters:\n{entries}"), Path::new("."), "ops").unwrap()
+        crate::clusters_file::parse(&format!("clusters:\n{entries}"), Path::new("."), "ops")
+            .unwrap()
     }
 
     #[tokio::test]
@@ -460,7 +463,7 @@ mod tests {
         let workloads = Workloads::from_config(
             &config(&["east", "west"]),
             Path::new("c.yaml"),
-            crate::cluster::KubeSettings::with_timeout(Duration::from_secs(1)),
+            crate::kube_client::KubeSettings::with_timeout(Duration::from_secs(1)),
         )
         .await
         .unwrap();
@@ -497,7 +500,7 @@ mod tests {
         let workloads = Workloads::from_config(
             &config(&["east", "west"]),
             path,
-            crate::cluster::KubeSettings::with_timeout(Duration::from_secs(1)),
+            crate::kube_client::KubeSettings::with_timeout(Duration::from_secs(1)),
         )
         .await
         .unwrap();

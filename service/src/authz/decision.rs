@@ -7,151 +7,16 @@ use tokensmith_proto::envoy::{
     service::auth::v3::{
         CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
     },
-    r#type::v3::{HttpStatus, StatusCode},
+    r#type::v3::HttpStatus,
 };
 
 use tokensmith_proto::REUSE_METADATA_KEY;
 use tokensmith_proto::google::rpc::Status;
 
-use crate::{cluster::Cluster, secret::ExchangedToken};
-
-/// Why a request was refused. `Check` answers each with an OK RPC carrying a
-/// `DeniedHttpResponse` and a matching non-OK `status`, so Envoy treats it as a denial
-/// (never as a transport error subject to fail-open).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyReason {
-    /// No `authorization` header.
-    MissingToken,
-    /// An `authorization` header that is not `Bearer <token>`.
-    MalformedToken,
-    /// The workload cluster does not accept the token (bad, expired, foreign, revoked).
-    InvalidToken,
-    /// The token's issuer is none of the configured workload clusters'.
-    UnknownIssuer,
-    /// The token is valid but belongs to a user that is not a service account.
-    NotServiceAccount,
-    /// A service-account username whose namespace or name is not a valid name.
-    InvalidServiceAccountName,
-    /// No service account of that namespace/name in the management cluster.
-    UnknownServiceAccount,
-    /// The management cluster refused to mint a token for that service account.
-    ExchangeForbidden,
-    /// The workload cluster may not map into that namespace (its namespace policy).
-    NamespaceNotAllowed,
-    /// `--require-sa-label`: the management service account does not carry the label.
-    NotConsented,
-    /// A cluster did not answer within the Check's budget.
-    DeadlineExceeded(Cluster),
-    /// A cluster is unreachable, overloaded, failing or refuses our own credentials.
-    Unavailable(Cluster),
-    /// The identity exceeded `--rate-limit`; retry after this many seconds.
-    Throttled(u32),
-}
-
-/// gRPC codes used in `CheckResponse.status` (google.rpc.Code).
-mod code {
-    pub const OK: i32 = 0;
-    pub const PERMISSION_DENIED: i32 = 7;
-    pub const RESOURCE_EXHAUSTED: i32 = 8;
-    pub const UNAVAILABLE: i32 = 14;
-    pub const UNAUTHENTICATED: i32 = 16;
-}
-
-impl DenyReason {
-    /// The HTTP status the client sees and the gRPC code Envoy reads.
-    pub fn status(self) -> (StatusCode, i32) {
-        use DenyReason::*;
-        match self {
-            MissingToken | MalformedToken | InvalidToken | UnknownIssuer => {
-                (StatusCode::Unauthorized, code::UNAUTHENTICATED)
-            }
-            NotServiceAccount
-            | InvalidServiceAccountName
-            | UnknownServiceAccount
-            | ExchangeForbidden
-            | NamespaceNotAllowed
-            | NotConsented => (StatusCode::Forbidden, code::PERMISSION_DENIED),
-            DeadlineExceeded(_) | Unavailable(_) => {
-                (StatusCode::ServiceUnavailable, code::UNAVAILABLE)
-            }
-            Throttled(_) => (StatusCode::TooManyRequests, code::RESOURCE_EXHAUSTED),
-        }
-    }
-
-    /// Whether this is a failure to reach a dependency (503-class) rather than a verdict
-    /// on the request: such answers are never cached.
-    pub fn is_dependency_failure(self) -> bool {
-        matches!(
-            self,
-            DenyReason::DeadlineExceeded(_) | DenyReason::Unavailable(_)
-        )
-    }
-
-    /// The reason as logged (`reason` field): stable, snake_case.
-    pub fn as_str(self) -> &'static str {
-        use DenyReason::*;
-        match self {
-            MissingToken => "missing_token",
-            MalformedToken => "malformed_token",
-            InvalidToken => "invalid_token",
-            UnknownIssuer => "unknown_issuer",
-            NotServiceAccount => "not_service_account",
-            InvalidServiceAccountName => "invalid_service_account_name",
-            UnknownServiceAccount => "unknown_service_account",
-            ExchangeForbidden => "exchange_forbidden",
-            NamespaceNotAllowed => "namespace_not_allowed",
-            NotConsented => "not_consented",
-            DeadlineExceeded(_) => "deadline_exceeded",
-            Unavailable(_) => "unavailable",
-            Throttled(_) => "throttled",
-        }
-    }
-
-    /// The short body the client reads. Never holds a token.
-    pub fn body(self) -> &'static str {
-        use DenyReason::*;
-        match self {
-            MissingToken => "missing bearer token",
-            MalformedToken => "malformed bearer token",
-            InvalidToken => "invalid or expired token",
-            UnknownIssuer => "token issuer is not trusted",
-            NotServiceAccount => "token does not belong to a service account",
-            InvalidServiceAccountName => "service account name is not valid",
-            UnknownServiceAccount => "service account not found in the management cluster",
-            ExchangeForbidden => "token exchange forbidden",
-            NamespaceNotAllowed => "namespace not allowed for this workload cluster",
-            NotConsented => "service account not enabled for exchange",
-            DeadlineExceeded(_) => "identity service timed out",
-            Unavailable(_) => "identity service unavailable",
-            Throttled(_) => "too many requests",
-        }
-    }
-
-    /// The cluster involved, for reasons that are about one.
-    pub fn cluster(self) -> Option<Cluster> {
-        match self {
-            DenyReason::DeadlineExceeded(c) | DenyReason::Unavailable(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    /// `www-authenticate` for 401s (RFC 6750 §3): no error code when no token was sent.
-    fn challenge(self) -> Option<&'static str> {
-        match self {
-            DenyReason::MissingToken => Some("Bearer"),
-            DenyReason::MalformedToken | DenyReason::InvalidToken | DenyReason::UnknownIssuer => {
-                Some("Bearer error=\"invalid_token\"")
-            }
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for DenyReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::{
+    deny::{DenyReason, grpc_code},
+    secret::ExchangedToken,
+};
 
 fn header(key: &str, value: String) -> HeaderValueOption {
     HeaderValueOption {
@@ -177,7 +42,7 @@ pub fn allow(token: &ExchangedToken, reuse: Duration) -> CheckResponse {
     };
     CheckResponse {
         status: Some(Status {
-            code: code::OK,
+            code: grpc_code::OK,
             message: String::new(),
             details: Vec::new(),
         }),
@@ -227,6 +92,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
+    use crate::deny::Side;
 
     fn denied(reason: DenyReason) -> (i32, i32, Vec<(String, String)>, String) {
         let response = deny(reason);
@@ -263,8 +129,8 @@ mod tests {
             (ExchangeForbidden, 403, 7),
             (NamespaceNotAllowed, 403, 7),
             (NotConsented, 403, 7),
-            (DeadlineExceeded(Cluster::Workload), 503, 14),
-            (Unavailable(Cluster::Management), 503, 14),
+            (DeadlineExceeded(Side::Workload), 503, 14),
+            (Unavailable(Side::Management), 503, 14),
             (Throttled(2), 429, 8),
         ];
         for (reason, http, grpc) in table {
@@ -288,8 +154,8 @@ mod tests {
             ExchangeForbidden,
             NamespaceNotAllowed,
             NotConsented,
-            DeadlineExceeded(Cluster::Workload),
-            Unavailable(Cluster::Workload),
+            DeadlineExceeded(Side::Workload),
+            Unavailable(Side::Workload),
             Throttled(3),
         ];
         for reason in &all {

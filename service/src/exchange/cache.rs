@@ -11,7 +11,7 @@ use moka::{Expiry, notification::RemovalCause};
 
 use super::Exchanger;
 use crate::{
-    authz::Denial,
+    deny::Denial,
     identity::ServiceAccountRef,
     metrics::{self, CacheLabels},
     secret::ExchangedToken,
@@ -32,6 +32,24 @@ pub struct ExchangeKey {
     pub uid: String,
     /// The service account.
     pub service_account: ServiceAccountRef,
+}
+
+/// A management token and where it came from.
+#[derive(Debug)]
+pub struct Exchanged {
+    /// The token.
+    pub token: ExchangedToken,
+    /// Whether the exchange cache served it.
+    pub cache_hit: bool,
+}
+
+impl Exchanged {
+    fn fresh(token: ExchangedToken) -> Self {
+        Exchanged {
+            token,
+            cache_hit: false,
+        }
+    }
 }
 
 /// A cached exchange and its schedule.
@@ -124,18 +142,18 @@ impl CachedExchanger {
     /// A management token for `key`, valid at most `lifetime` from now (+ slack), always:
     /// from the cache when one is comfortably valid, else from one TokenRequest shared by
     /// the concurrent callers it suits (one whose token would outlive this caller's bound
-    /// makes its own). Returns whether it was a hit.
+    /// makes its own).
     pub async fn exchange(
         &self,
         key: ExchangeKey,
         lifetime: Duration,
-    ) -> Result<(ExchangedToken, bool), Denial> {
+    ) -> Result<Exchanged, Denial> {
         if !self.enabled {
             return self
                 .inner
                 .exchange(&key.service_account, lifetime)
                 .await
-                .map(|t| (t, false));
+                .map(Exchanged::fresh);
         }
         let now = SystemTime::now();
         let latest_allowed = now + lifetime + LIFETIME_SLACK;
@@ -145,7 +163,10 @@ impl CachedExchanger {
                 if now >= cached.refresh_from {
                     self.refresh_in_background(key, lifetime);
                 }
-                return Ok((cached.token, true));
+                return Ok(Exchanged {
+                    token: cached.token,
+                    cache_hit: true,
+                });
             }
             // Stale, or would outlive this workload token: exchange afresh.
             self.cache.invalidate(&key).await;
@@ -168,9 +189,9 @@ impl CachedExchanger {
             // Another caller's exchange, for a longer-lived workload token of the same
             // identity: this one must not outlive ours. Ask for our own, uncached.
             let token = self.inner.exchange(&key.service_account, lifetime).await?;
-            return Ok((token, false));
+            return Ok(Exchanged::fresh(token));
         }
-        Ok((cached.token, false))
+        Ok(Exchanged::fresh(cached.token))
     }
 
     /// One background TokenRequest per key at a time; its result replaces the entry.

@@ -10,7 +10,8 @@ use serde_json::Value;
 use super::keys::KeySet;
 use crate::{
     Error,
-    cluster::{self, Cluster, ClusterSource},
+    deny::{self, Side},
+    kube_client::{self, ClusterSource},
 };
 
 /// How long each of the two reads may take.
@@ -61,7 +62,7 @@ async fn get(client: &kube::Client, path: &str) -> Result<Value, Error> {
     let text = tokio::time::timeout(TIMEOUT, client.request_text(request))
         .await
         .map_err(|_| failed(format!("{path}: no answer within {TIMEOUT:?}")))?
-        .map_err(|e| failed(format!("{path}: {}", cluster::describe(&e))))?;
+        .map_err(|e| failed(format!("{path}: {}", deny::describe(&e))))?;
     serde_json::from_str(&text).map_err(|_| failed(format!("{path}: not JSON")))
 }
 
@@ -70,22 +71,22 @@ async fn get(client: &kube::Client, path: &str) -> Result<Value, Error> {
 /// after the context). The keys are checked with the companion's own loader first.
 pub async fn clusters_entry(kubeconfig: &Path, name: Option<&str>) -> Result<String, Error> {
     let file = Kubeconfig::read_from(kubeconfig).map_err(|source| Error::Kubeconfig {
-        cluster: Cluster::Workload,
+        cluster: Side::Workload,
         path: kubeconfig.to_owned(),
         source,
     })?;
     let context = file.current_context.clone().unwrap_or_default();
     let name = match name {
         Some(name) => {
-            crate::clusters::check_name(name).map_err(|e| failed(format!("--name: {e}")))?;
+            crate::names::check_label(name).map_err(|e| failed(format!("--name: {e}")))?;
             name.to_owned()
         }
         None => name_from_context(&context),
     };
-    let client = cluster::client(
-        Cluster::Workload,
+    let client = kube_client::client(
+        Side::Workload,
         &ClusterSource::Kubeconfig(kubeconfig.to_owned()),
-        &cluster::KubeSettings::with_timeout(TIMEOUT),
+        &kube_client::KubeSettings::with_timeout(TIMEOUT),
     )
     .await?;
     let discovery = get(&client, "/.well-known/openid-configuration").await?;

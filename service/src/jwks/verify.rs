@@ -10,9 +10,9 @@ use serde_json::{Map, Value};
 
 use super::keys::{VerifyingKey, allowed_algorithm};
 use crate::{
-    authz::{Denial, bearer::MAX_TOKEN_BYTES, decision::DenyReason},
-    identity::{IdentityError, ServiceAccountRef, WorkloadIdentity},
-    review::Review,
+    bearer::MAX_TOKEN_BYTES,
+    deny::{Denial, DenyReason},
+    identity::{IdentityError, ServiceAccountRef, Validated, WorkloadIdentity},
 };
 
 /// What a cluster's configuration says a token must satisfy besides its signature.
@@ -158,7 +158,7 @@ pub fn verify(
     header: &Header,
     keys: &[&VerifyingKey],
     expect: &Expectations<'_>,
-) -> Result<Review, Denial> {
+) -> Result<Validated, Denial> {
     let mut validation = Validation::new(header.alg);
     validation.leeway = expect.leeway.as_secs();
     validation.validate_nbf = true;
@@ -223,7 +223,7 @@ fn string_at<'a>(value: &'a Value, path: &[&str]) -> Result<Option<&'a str>, Den
 ///
 /// Both shapes at once must agree. `sub` must be `system:serviceaccount:NS:NAME` for the
 /// same NS and NAME. `iat` may not lie beyond `now + leeway`.
-pub fn identity(claims: &Value, leeway: Duration, now: i64) -> Result<Review, Denial> {
+pub fn identity(claims: &Value, leeway: Duration, now: i64) -> Result<Validated, Denial> {
     const FLAT: &str = "kubernetes.io/serviceaccount/";
     let nested = match claims.get("kubernetes.io") {
         None => None,
@@ -299,13 +299,14 @@ pub fn identity(claims: &Value, leeway: Duration, now: i64) -> Result<Review, De
     let expires_at = intended
         .and_then(|at| u64::try_from(at).ok())
         .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)));
-    Ok(Review {
+    Ok(Validated {
         identity: WorkloadIdentity {
             service_account,
             uid: uid.unwrap_or_default().to_owned(),
         },
         expires_at,
         validated_at: std::time::Instant::now(),
+        from_cache: false,
     })
 }
 

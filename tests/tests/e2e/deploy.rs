@@ -228,34 +228,9 @@ fn flag(container: &Container, name: &str) -> Option<String> {
         .find_map(|arg| arg.strip_prefix(&prefix).map(str::to_owned))
 }
 
-/// A protobuf/Go style duration as Istio and the companion write them: `3s`, `500ms`,
-/// `1m30s`, `0.5s`.
+/// A duration as Istio and the companion write them (`3s`, `500ms`, `1m30s`, `0.5s`).
 fn parse_duration(text: &str) -> Result<Duration> {
-    let mut rest = text.trim();
-    ensure!(!rest.is_empty(), "empty duration");
-    let mut total = 0.0_f64;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = rest[..digits]
-            .parse()
-            .with_context(|| format!("{text:?}: no number"))?;
-        rest = &rest[digits..];
-        let unit = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            other => bail!("{text:?}: unknown unit {other:?}"),
-        };
-        total += number * seconds;
-        rest = &rest[unit..];
-    }
-    Ok(Duration::from_secs_f64(total))
+    Ok(tokensmith_service::duration::parse_go(text)?)
 }
 
 /// The `extensionProviders` entries of the three mesh-config snippets, by file.
@@ -1827,7 +1802,7 @@ fn exported_metric_names() -> BTreeSet<String> {
 
 #[test]
 fn the_alerts_name_only_metrics_and_reasons_the_companion_exports() -> Result<()> {
-    use tokensmith_service::{authz::decision::DenyReason, cluster::Cluster};
+    use tokensmith_service::deny::{DenyReason, Side};
     let docs = manifests()?;
     let exported = exported_metric_names();
     ensure!(exported.contains("tokensmith_checks_total"), "{exported:?}");
@@ -1842,8 +1817,8 @@ fn the_alerts_name_only_metrics_and_reasons_the_companion_exports() -> Result<()
         DenyReason::ExchangeForbidden,
         DenyReason::NamespaceNotAllowed,
         DenyReason::NotConsented,
-        DenyReason::DeadlineExceeded(Cluster::Workload),
-        DenyReason::Unavailable(Cluster::Workload),
+        DenyReason::DeadlineExceeded(Side::Workload),
+        DenyReason::Unavailable(Side::Workload),
         DenyReason::Throttled(1),
     ]
     .iter()

@@ -88,7 +88,7 @@ impl Signer {
 }
 
 /// Runs the whole check as `JwksValidator` does: header, selection, verify.
-fn check(keys: &KeySet, token: &str, audiences: &[String]) -> Result<Review, Denial> {
+fn check(keys: &KeySet, token: &str, audiences: &[String]) -> Result<Validated, Denial> {
     check_as(keys, token, audiences, ISSUER)
 }
 
@@ -97,7 +97,7 @@ fn check_as(
     token: &str,
     audiences: &[String],
     issuer: &str,
-) -> Result<Review, Denial> {
+) -> Result<Validated, Denial> {
     let header = header(token)?;
     let expect = Expectations {
         issuer,
@@ -110,7 +110,7 @@ fn check_as(
     }
 }
 
-fn detail(result: Result<Review, Denial>) -> String {
+fn detail(result: Result<Validated, Denial>) -> String {
     let denial = result.unwrap_err();
     assert_eq!(denial.reason, DenyReason::InvalidToken, "{denial:?}");
     denial.detail.unwrap_or_default()
@@ -221,7 +221,7 @@ fn header_policy_refuses_none_hmac_eddsa_and_crit() {
     );
 }
 
-fn never() -> Review {
+fn never() -> Validated {
     panic!("must not pass")
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use tracing::{error, info};
 
-use super::{ClustersConfig, load};
+use crate::clusters_file::{ClustersConfig, load};
 use crate::workload::Workloads;
 
 /// How often the file (and the files it names) are read and compared.

@@ -2,9 +2,6 @@
 //! validated (JWKS or TokenReview) and which namespaces each may map into. Parsed and
 //! checked in full before use; every error names the cluster and the field.
 
-pub mod namespaces;
-pub mod reload;
-
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -14,12 +11,12 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::namespaces::{Glob, NamespacePolicy};
 use crate::{
-    Error,
-    cli::parse_duration,
+    Error, duration,
     jwks::{KeySource, fetch, keys::KeySet},
+    names,
 };
-use namespaces::{Glob, NamespacePolicy};
 
 /// Default clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
@@ -122,27 +119,8 @@ impl RawDuration {
     fn parse(&self) -> Result<Duration, String> {
         match self {
             RawDuration::Seconds(s) => Ok(Duration::from_secs(*s)),
-            RawDuration::Text(t) => parse_duration(t),
+            RawDuration::Text(t) => duration::parse(t).map_err(|e| e.to_string()),
         }
-    }
-}
-
-/// Checks a cluster name: a DNS-1123 label (`a-z`, `0-9`, `-`, alphanumeric at both
-/// ends, at most 63), so it is safe in logs and metric labels.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric);
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a DNS-1123 label (a-z, 0-9, '-'; at most 63)"
-        ))
     }
 }
 
@@ -213,7 +191,7 @@ fn cluster(
 ) -> Result<ClusterSpec, String> {
     let raw: RawCluster = serde_yaml::from_value(entry).map_err(|e| e.to_string())?;
     let name = raw.name.ok_or("name: required")?;
-    check_name(&name).map_err(|e| format!("name: {e}"))?;
+    names::check_label(&name).map_err(|e| format!("name: {e}"))?;
     let issuer = raw.issuer.ok_or("issuer: required")?;
     if issuer.is_empty() || issuer.trim() != issuer {
         return Err("issuer: must be non-empty without surrounding spaces".to_owned());

@@ -243,7 +243,7 @@ fn errors_name_the_cluster_and_the_field() {
         ),
         (
             entry("  discovery: true\n  refresh_interval: soon\n"),
-            "cluster \"east\" (clusters[0]): refresh_interval: \"soon\" is not a duration (e.g. 3600, 30s, 500ms, 10m, 1h)",
+            "cluster \"east\" (clusters[0]): refresh_interval: \"soon\" is not a duration (e.g. 3600, 30s, 500ms, 10m, 1h, 1m30s)",
         ),
         (
             entry("  discovery: true\n  audiences: []\n"),
@@ -287,14 +287,4 @@ fn duplicate_names_and_issuers_are_rejected() {
         error(dup_issuer),
         "cluster \"west\" (clusters[1]): issuer: \"https://a\" is already used by clusters[0]"
     );
-}
-
-#[test]
-fn names_must_be_dns_labels() {
-    for ok in ["east", "prod-east-1", "a", &"a".repeat(63)] {
-        assert!(check_name(ok).is_ok(), "{ok}");
-    }
-    for bad in ["", "-east", "east-", "East", "a.b", "a_b", &"a".repeat(64)] {
-        assert!(check_name(bad).is_err(), "{bad}");
-    }
 }

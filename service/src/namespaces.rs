@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::names;
+
 /// Namespaces no workload cluster may map into unless it lists them literally in
 /// `namespaces.allow`. The companion's own namespace is added to these.
 pub const PROTECTED_NAMESPACES: [&str; 4] = [
@@ -21,12 +23,7 @@ impl Glob {
     /// wildcards, at most 63 characters: anything else could never match a namespace,
     /// so it is a typo worth reporting.
     pub fn new(pattern: &str) -> Result<Glob, String> {
-        let valid = !pattern.is_empty()
-            && pattern.len() <= 63
-            && pattern
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-*?".contains(&b));
-        if valid {
+        if names::has_label_chars(pattern, b"*?") {
             Ok(Glob(pattern.to_owned()))
         } else {
             Err(format!(
