@@ -1,9 +1,17 @@
 //! The plugin configuration: JSON (Istio renders `pluginConfig`, a protobuf Struct, as
-//! JSON, so whole numbers may arrive as `1000.0`), validated, unknown keys rejected.
+//! JSON, so whole numbers may arrive as `1000.0`), read into raw serde structs that reject
+//! unknown keys, then validated into `Config`.
 
-use std::time::Duration;
+use std::{fmt::Display, time::Duration};
 
-use serde_json::{Map, Value};
+use serde::{
+    Deserialize, Deserializer,
+    de::{
+        self, DeserializeSeed, MapAccess, Visitor,
+        value::{BorrowedStrDeserializer, MapAccessDeserializer},
+    },
+};
+use serde_json::{Map, Number, Value};
 
 use crate::{Error, hosts::HostPattern};
 
@@ -76,168 +84,127 @@ const MAX_AGE_S: u64 = 3600;
 /// `dispatch_grpc_call` with a one-byte length, which keeps that argument UTF-8.
 pub const MAX_GRPC_NAME: usize = 125;
 
+/// Where an error about the document as a whole points.
+const DOCUMENT: &str = "(document)";
+
 impl Config {
     /// Parses and validates the plugin configuration.
     pub fn parse(json: &[u8]) -> Result<Config, Error> {
-        let value: Value = serde_json::from_slice(json)
-            .map_err(|e| err("(document)", format!("not JSON: {e}")))?;
-        let Value::Object(mut top) = value else {
-            return Err(err("(document)", "must be a JSON object".into()));
+        let value: Value =
+            serde_json::from_slice(json).map_err(|e| err(DOCUMENT, format!("not JSON: {e}")))?;
+        let Value::Object(top) = &value else {
+            return Err(err(DOCUMENT, "must be a JSON object".into()));
         };
-        reject_unknown(
-            &top,
-            "",
-            &[
-                "grpc_cluster",
-                "grpc_authority",
-                "hosts",
-                "timeout_ms",
-                "header",
-                "on_missing_token",
-                "failure_mode",
-                "forward_headers",
-                "cache",
-            ],
-        )?;
+        let entries = Entries::new(top, String::new());
+        RawConfig::deserialize(MapAccessDeserializer::new(entries))
+            .map_err(|e| keyed(e, DOCUMENT))?
+            .validate()
+    }
+}
 
-        let grpc_cluster = match top.remove("grpc_cluster") {
-            Some(Value::String(s)) if !s.trim().is_empty() => s,
-            Some(Value::String(_)) => return Err(err("grpc_cluster", "must not be empty".into())),
-            Some(other) => {
-                return Err(err(
-                    "grpc_cluster",
-                    format!("must be a string, got {other}"),
-                ));
-            }
-            None => {
-                return Err(err(
-                    "grpc_cluster",
-                    "is required (the companion's Envoy cluster)".into(),
-                ));
-            }
-        };
-        if grpc_cluster.len() > MAX_GRPC_NAME {
-            return Err(err(
-                "grpc_cluster",
-                format!("must be at most {MAX_GRPC_NAME} bytes"),
-            ));
-        }
-        let grpc_authority = grpc_authority(&grpc_cluster, top.remove("grpc_authority"))?;
-        let hosts = match top.remove("hosts") {
-            None => None,
-            Some(Value::Array(items)) if !items.is_empty() => Some(
-                items
-                    .iter()
-                    .map(|v| {
-                        let pattern = v.as_str().ok_or_else(|| {
-                            err("hosts", format!("must be a list of host names, got {v}"))
-                        })?;
-                        HostPattern::parse(pattern).map_err(|p| err("hosts", p))
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            Some(other) => {
-                return Err(err(
-                    "hosts",
-                    format!("must be a non-empty list of host names, got {other}"),
-                ));
-            }
-        };
-        let timeout_ms = integer(
-            top.remove("timeout_ms"),
-            "timeout_ms",
-            1000,
-            1,
-            MAX_TIMEOUT_MS,
-        )?;
-        let header = match top.remove("header") {
-            None => "authorization".to_owned(),
-            Some(v) => header_name(v, "header", false)?,
-        };
-        let on_missing_token = match choice(top.remove("on_missing_token"), "on_missing_token")? {
-            Choice::Deny => OnMissingToken::Deny,
-            Choice::Allow => OnMissingToken::Allow,
-        };
-        let failure_mode = match choice(top.remove("failure_mode"), "failure_mode")? {
-            Choice::Deny => FailureMode::Deny,
-            Choice::Allow => FailureMode::Allow,
-        };
-        let forward_headers = match top.remove("forward_headers") {
-            None => [":method", ":path", ":authority", "x-request-id"]
-                .map(str::to_owned)
-                .to_vec(),
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .map(|v| header_name(v, "forward_headers", true))
-                .collect::<Result<_, _>>()?,
-            Some(other) => {
-                return Err(err(
-                    "forward_headers",
-                    format!("must be a list of header names, got {other}"),
-                ));
-            }
-        };
-        let cache = match top.remove("cache") {
-            None => Map::new(),
-            Some(Value::Object(m)) => m,
-            Some(other) => return Err(err("cache", format!("must be an object, got {other}"))),
-        };
-        let cache = cache_config(cache)?;
+/// The document as written: shapes checked by serde, values by `validate`. An absent key
+/// is `None`, and its default is set in `validate`, beside its range.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    grpc_cluster: Option<String>,
+    grpc_authority: Option<String>,
+    hosts: Option<Vec<String>>,
+    timeout_ms: Option<Number>,
+    header: Option<String>,
+    on_missing_token: Option<String>,
+    failure_mode: Option<String>,
+    forward_headers: Option<Vec<String>>,
+    cache: Option<RawCache>,
+}
+
+/// The `cache` block as written.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    enabled: Option<bool>,
+    slots: Option<Number>,
+    refresh_before_expiry_s: Option<Number>,
+    max_age_s: Option<Number>,
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, Error> {
+        let grpc_cluster = grpc_cluster(self.grpc_cluster)?;
+        // Fields evaluate in the order written: the first bad value reported stays the same.
         Ok(Config {
+            grpc_authority: grpc_authority(&grpc_cluster, self.grpc_authority)?,
             grpc_cluster,
-            grpc_authority,
-            hosts,
-            timeout: Duration::from_millis(timeout_ms),
-            header,
-            on_missing_token,
-            failure_mode,
-            forward_headers,
-            cache,
+            hosts: self.hosts.map(hosts).transpose()?,
+            timeout: Duration::from_millis(whole(
+                self.timeout_ms,
+                "timeout_ms",
+                1000,
+                1,
+                MAX_TIMEOUT_MS,
+            )?),
+            header: match self.header {
+                None => "authorization".to_owned(),
+                Some(name) => header_name(name, "header", false)?,
+            },
+            on_missing_token: choice(
+                self.on_missing_token,
+                "on_missing_token",
+                OnMissingToken::Deny,
+                OnMissingToken::Allow,
+            )?,
+            failure_mode: choice(
+                self.failure_mode,
+                "failure_mode",
+                FailureMode::Deny,
+                FailureMode::Allow,
+            )?,
+            forward_headers: forward_headers(self.forward_headers)?,
+            cache: self.cache.unwrap_or_default().validate()?,
         })
     }
 }
 
-fn cache_config(mut m: Map<String, Value>) -> Result<CacheConfig, Error> {
-    reject_unknown(
-        &m,
-        "cache.",
-        &["enabled", "slots", "refresh_before_expiry_s", "max_age_s"],
-    )?;
-    let enabled = match m.remove("enabled") {
-        None => true,
-        Some(Value::Bool(b)) => b,
-        Some(other) => {
-            return Err(err(
-                "cache.enabled",
-                format!("must be true or false, got {other}"),
-            ));
-        }
-    };
-    let slots = integer(m.remove("slots"), "cache.slots", 4096, 1, MAX_SLOTS)?;
-    let refresh = integer(
-        m.remove("refresh_before_expiry_s"),
-        "cache.refresh_before_expiry_s",
-        60,
-        0,
-        MAX_REFRESH_S,
-    )?;
-    let max_age = integer(m.remove("max_age_s"), "cache.max_age_s", 60, 0, MAX_AGE_S)?;
-    Ok(CacheConfig {
-        enabled,
-        slots: u32::try_from(slots).unwrap_or(u32::MAX),
-        refresh_before_expiry: Duration::from_secs(refresh),
-        max_age: Duration::from_secs(max_age),
-    })
+impl RawCache {
+    fn validate(self) -> Result<CacheConfig, Error> {
+        let slots = whole(self.slots, "cache.slots", 4096, 1, MAX_SLOTS)?;
+        let refresh = whole(
+            self.refresh_before_expiry_s,
+            "cache.refresh_before_expiry_s",
+            60,
+            0,
+            MAX_REFRESH_S,
+        )?;
+        let max_age = whole(self.max_age_s, "cache.max_age_s", 60, 0, MAX_AGE_S)?;
+        Ok(CacheConfig {
+            enabled: self.enabled.unwrap_or(true),
+            slots: u32::try_from(slots).unwrap_or(u32::MAX),
+            refresh_before_expiry: Duration::from_secs(refresh),
+            max_age: Duration::from_secs(max_age),
+        })
+    }
+}
+
+fn grpc_cluster(cluster: Option<String>) -> Result<String, Error> {
+    const KEY: &str = "grpc_cluster";
+    let cluster =
+        cluster.ok_or_else(|| err(KEY, "is required (the companion's Envoy cluster)".into()))?;
+    if cluster.trim().is_empty() {
+        return Err(err(KEY, "must not be empty".into()));
+    }
+    if cluster.len() > MAX_GRPC_NAME {
+        return Err(err(KEY, format!("must be at most {MAX_GRPC_NAME} bytes")));
+    }
+    Ok(cluster)
 }
 
 /// The `:authority` of Check calls: `grpc_authority` when set; else the host of an Istio
 /// cluster name (`outbound|PORT|SUBSET|HOST`); else the cluster name when it is a valid
 /// authority. Envoy would otherwise send the cluster name, and `|` resets the stream.
-fn grpc_authority(cluster: &str, explicit: Option<Value>) -> Result<String, Error> {
+fn grpc_authority(cluster: &str, explicit: Option<String>) -> Result<String, Error> {
     const KEY: &str = "grpc_authority";
     let authority = match explicit {
-        Some(Value::String(a)) => a,
-        Some(other) => return Err(err(KEY, format!("must be a string, got {other}"))),
+        Some(a) => a,
         None => match istio_cluster_host(cluster) {
             Some(host) => host.to_owned(),
             None if valid_authority(cluster) => cluster.to_owned(),
@@ -262,6 +229,19 @@ fn grpc_authority(cluster: &str, explicit: Option<Value>) -> Result<String, Erro
         return Err(err(KEY, format!("must be at most {MAX_GRPC_NAME} bytes")));
     }
     Ok(authority)
+}
+
+fn hosts(names: Vec<String>) -> Result<Vec<HostPattern>, Error> {
+    if names.is_empty() {
+        return Err(err(
+            "hosts",
+            "must be a non-empty list of host names, got []".into(),
+        ));
+    }
+    names
+        .iter()
+        .map(|name| HostPattern::parse(name).map_err(|p| err("hosts", p)))
+        .collect()
 }
 
 /// HOST of `outbound|PORT|SUBSET|HOST` (or `inbound|…`), as istiod names clusters.
@@ -313,35 +293,25 @@ fn err(key: &str, problem: String) -> Error {
     }
 }
 
-fn reject_unknown(map: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<(), Error> {
-    match map.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(err(
-            &format!("{prefix}{unknown}"),
-            format!("unknown key (known: {})", known.join(", ")),
-        )),
-        None => Ok(()),
+/// Names the key of an error that does not name one yet: serde's derived code reports
+/// without knowing where it is, and `Entries` knows.
+fn keyed(error: Error, path: &str) -> Error {
+    match error {
+        Error::Config { key, problem } if key.is_empty() => err(path, problem),
+        other => other,
     }
 }
 
 /// A whole number in `min..=max`, written as `1000` or `1000.0`.
-fn integer(
-    value: Option<Value>,
-    key: &str,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, Error> {
+fn whole(value: Option<Number>, key: &str, default: u64, min: u64, max: u64) -> Result<u64, Error> {
     let Some(value) = value else {
         return Ok(default);
     };
-    let n = match &value {
-        Value::Number(n) => n.as_u64().or_else(|| {
-            let f = n.as_f64()?;
-            // Struct numbers are doubles: accept them when they are whole and in range.
-            (f.fract() == 0.0 && f >= 0.0 && f <= max as f64).then_some(f as u64)
-        }),
-        _ => None,
-    };
+    let n = value.as_u64().or_else(|| {
+        let f = value.as_f64()?;
+        // Struct numbers are doubles: accept them when they are whole and in range.
+        (f.fract() == 0.0 && f >= 0.0 && f <= max as f64).then_some(f as u64)
+    });
     match n {
         Some(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(err(
@@ -351,34 +321,32 @@ fn integer(
     }
 }
 
-enum Choice {
-    Deny,
-    Allow,
-}
-
-fn choice(value: Option<Value>, key: &str) -> Result<Choice, Error> {
-    match value.as_ref().map(|v| v.as_str()) {
-        None | Some(Some("deny")) => Ok(Choice::Deny),
-        Some(Some("allow")) => Ok(Choice::Allow),
-        _ => Err(err(
+fn choice<T>(value: Option<String>, key: &str, deny: T, allow: T) -> Result<T, Error> {
+    match value.as_deref() {
+        None | Some("deny") => Ok(deny),
+        Some("allow") => Ok(allow),
+        Some(other) => Err(err(
             key,
-            format!(
-                "must be \"deny\" or \"allow\", got {}",
-                value.unwrap_or(Value::Null)
-            ),
+            format!("must be \"deny\" or \"allow\", got {other:?}"),
         )),
     }
 }
 
+fn forward_headers(names: Option<Vec<String>>) -> Result<Vec<String>, Error> {
+    let Some(names) = names else {
+        return Ok([":method", ":path", ":authority", "x-request-id"]
+            .map(str::to_owned)
+            .to_vec());
+    };
+    names
+        .into_iter()
+        .map(|name| header_name(name, "forward_headers", true))
+        .collect()
+}
+
 /// A header name as Envoy keys them (lower-case token characters); pseudo-headers such
 /// as `:path` only where `pseudo` allows.
-fn header_name(value: Value, key: &str, pseudo: bool) -> Result<String, Error> {
-    let Value::String(name) = value else {
-        return Err(err(
-            key,
-            format!("must be a header name string, got {value}"),
-        ));
-    };
+fn header_name(name: String, key: &str, pseudo: bool) -> Result<String, Error> {
     let bare = if pseudo {
         name.strip_prefix(':').unwrap_or(&name)
     } else {
@@ -395,6 +363,107 @@ fn header_name(value: Value, key: &str, pseudo: bool) -> Result<String, Error> {
             key,
             format!("{name:?} is not a lower-case header name"),
         ))
+    }
+}
+
+// Serde's derived code reports through the deserializer's error type: this one, so an
+// unknown key reads as before. The key is left empty for `keyed` to fill in.
+impl de::Error for Error {
+    fn custom<T: Display>(problem: T) -> Self {
+        err("", problem.to_string())
+    }
+
+    fn unknown_field(_: &str, known: &'static [&'static str]) -> Self {
+        err("", format!("unknown key (known: {})", known.join(", ")))
+    }
+}
+
+/// A JSON object's entries as serde input; each error names the key it is about, as a
+/// dotted path (`cache.slots`).
+struct Entries<'de> {
+    entries: serde_json::map::Iter<'de>,
+    /// The object's own path: empty at the top.
+    path: String,
+    pending: Option<Node<'de>>,
+}
+
+impl<'de> Entries<'de> {
+    fn new(object: &'de Map<String, Value>, path: String) -> Self {
+        Entries {
+            entries: object.iter(),
+            path,
+            pending: None,
+        }
+    }
+}
+
+impl<'de> MapAccess<'de> for Entries<'de> {
+    type Error = Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
+        let Some((key, value)) = self.entries.next() else {
+            return Ok(None);
+        };
+        let path = match self.path.as_str() {
+            "" => key.clone(),
+            parent => format!("{parent}.{key}"),
+        };
+        let name = seed
+            .deserialize(BorrowedStrDeserializer::new(key))
+            .map_err(|e| keyed(e, &path))?;
+        self.pending = Some(Node { value, path });
+        Ok(Some(name))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
+        let node = self
+            .pending
+            .take()
+            .ok_or_else(|| err(&self.path, "a value without its key".into()))?;
+        let path = node.path.clone();
+        seed.deserialize(node).map_err(|e| keyed(e, &path))
+    }
+}
+
+/// One JSON value as serde input, at `path`.
+struct Node<'de> {
+    value: &'de Value,
+    path: String,
+}
+
+impl<'de> Deserializer<'de> for Node<'de> {
+    type Error = Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.value
+            .deserialize_any(visitor)
+            .map_err(|e| err(&self.path, e.to_string()))
+    }
+
+    // `null` is a value of the wrong type, not an absent key: it fails, as it always has.
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        visitor.visit_some(self)
+    }
+
+    // Only an object is a block: serde would also take a list as the fields in order.
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        match self.value {
+            Value::Object(object) => visitor.visit_map(Entries::new(object, self.path)),
+            other => Err(err(&self.path, format!("must be an object, got {other}"))),
+        }
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
     }
 }
 
@@ -523,7 +592,7 @@ mod tests {
         );
         assert_eq!(
             problem(r#"{"grpc_cluster":"c","hosts":[1]}"#),
-            "plugin config: `hosts`: must be a list of host names, got 1"
+            "plugin config: `hosts`: invalid type: integer `1`, expected a string"
         );
         assert_eq!(
             problem(r#"{"grpc_cluster":"c","cache":{"max_age_s":3601}}"#),
@@ -572,6 +641,18 @@ mod tests {
         assert_eq!(
             problem(r#"{"grpc_cluster":"c","header":":path"}"#),
             "plugin config: `header`: \":path\" is not a lower-case header name"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","cache":{"enabled":"yes"}}"#),
+            "plugin config: `cache.enabled`: invalid type: string \"yes\", expected a boolean"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":null}"#),
+            "plugin config: `grpc_cluster`: invalid type: null, expected a string"
+        );
+        assert_eq!(
+            problem(r#"{"grpc_cluster":"c","cache":[true,5]}"#),
+            "plugin config: `cache`: must be an object, got [true,5]"
         );
         assert!(problem("[1]").contains("must be a JSON object"));
         assert!(problem("not json").contains("not JSON"));

@@ -34,14 +34,14 @@ impl Readiness {
 
 #[derive(Clone)]
 struct Ops {
-    metrics: &'static Metrics,
+    metrics: Arc<Metrics>,
     ready: Readiness,
 }
 
 /// Binds `addr` and serves until the process ends; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    metrics: &'static Metrics,
+    metrics: Arc<Metrics>,
     ready: Readiness,
 ) -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind(addr)

@@ -27,7 +27,7 @@ use crate::{
         cache::{CachedExchanger, ExchangeKey},
     },
     identity::WorkloadIdentity,
-    metrics::{self, CheckLabels},
+    metrics::{CheckLabels, Metrics},
     ratelimit::{Admission, RateLimiter},
     secret::ExchangedToken,
     workload::Workloads,
@@ -64,47 +64,30 @@ pub enum Outcome {
     },
 }
 
-/// The exchange itself, independent of gRPC: header in, outcome out.
+/// The exchange itself, independent of gRPC: header in, outcome out. Built from its
+/// stages by the server.
 #[derive(Clone)]
 pub struct Authorizer {
-    workloads: Workloads,
-    exchanger: CachedExchanger,
-    limiter: Option<Arc<RateLimiter>>,
-    consent: Option<Consent>,
-    token_expiration: Duration,
-    kube_timeout: Duration,
-    reuse: Duration,
+    /// The workload clusters in force.
+    pub workloads: Workloads,
+    /// TokenRequest, behind the exchange cache.
+    pub exchanger: CachedExchanger,
+    /// `--rate-limit`, per identity.
+    pub limiter: Option<Arc<RateLimiter>>,
+    /// `--require-sa-label`.
+    pub consent: Option<Consent>,
+    /// The longest lifetime requested.
+    pub token_expiration: Duration,
+    /// The bound on the Kubernetes calls of one Check.
+    pub kube_timeout: Duration,
+    /// The longest a proxy may reuse an allow: the validation cache's TTL, as long as
+    /// we would.
+    pub reuse: Duration,
+    /// Where every stage counts.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Authorizer {
-    /// Builds an authorizer. `token_expiration` is the longest lifetime requested;
-    /// `kube_timeout` bounds the Kubernetes calls of one Check; `reuse` is the longest a
-    /// proxy may reuse an allow (the validation cache's TTL: as long as we would).
-    pub fn new(
-        workloads: Workloads,
-        exchanger: CachedExchanger,
-        limiter: Option<RateLimiter>,
-        token_expiration: Duration,
-        kube_timeout: Duration,
-        reuse: Duration,
-    ) -> Self {
-        Self {
-            workloads,
-            exchanger,
-            limiter: limiter.map(Arc::new),
-            consent: None,
-            token_expiration,
-            kube_timeout,
-            reuse,
-        }
-    }
-
-    /// Mints only for the service accounts `consent` lists (`--require-sa-label`).
-    pub fn with_consent(mut self, consent: Consent) -> Self {
-        self.consent = Some(consent);
-        self
-    }
-
     /// Validates the bearer token in `authorization` (from `client_ip`, when known) with
     /// the workload cluster it belongs to, applies that cluster's namespace policy and
     /// exchanges it, with every call done within `budget`.
@@ -158,7 +141,7 @@ impl Authorizer {
         let near_limit = match admission {
             Admission::Allowed { near_limit } => near_limit,
             Admission::Throttled { retry_after } => {
-                metrics::global().rate_limited.inc();
+                self.metrics.rate_limited.inc();
                 let seconds = u32::try_from(retry_after.as_secs())
                     .unwrap_or(u32::MAX)
                     .saturating_add(1);
@@ -183,10 +166,7 @@ impl Authorizer {
                 return denied(
                     source,
                     Some(review.identity),
-                    Denial {
-                        reason: DenyReason::InvalidToken,
-                        detail: Some("token expired during the review".to_owned()),
-                    },
+                    DenyReason::InvalidToken.because("token expired during the review"),
                 );
             }
         };
@@ -250,10 +230,8 @@ fn source_ip(peer: Option<&Peer>) -> Option<IpAddr> {
 }
 
 fn out_of_time(cluster: Side, budget: Duration) -> Denial {
-    Denial {
-        reason: DenyReason::DeadlineExceeded(cluster),
-        detail: Some(format!("no answer within the check budget of {budget:?}")),
-    }
+    DenyReason::DeadlineExceeded(cluster)
+        .because(format!("no answer within the check budget of {budget:?}"))
 }
 
 /// The tonic service Envoy calls.
@@ -275,8 +253,8 @@ impl Authorization for AuthzService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
-        let m = metrics::global();
-        let _in_flight = InFlight::enter();
+        let m = &self.authorizer.metrics;
+        let _in_flight = InFlight::enter(m.clone());
         let grpc_timeout = request
             .metadata()
             .get("grpc-timeout")
@@ -317,18 +295,18 @@ impl Authorization for AuthzService {
 }
 
 /// Counts a check in flight until dropped, also when Envoy gives up on it mid-way.
-struct InFlight;
+struct InFlight(Arc<Metrics>);
 
 impl InFlight {
-    fn enter() -> Self {
-        metrics::global().checks_in_flight.inc();
-        InFlight
+    fn enter(metrics: Arc<Metrics>) -> Self {
+        metrics.checks_in_flight.inc();
+        InFlight(metrics)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::global().checks_in_flight.dec();
+        self.0.checks_in_flight.dec();
     }
 }
 
@@ -346,10 +324,7 @@ fn authorization_header(http: &HttpRequest) -> Result<Option<String>, Denial> {
     let Some(first) = found.next() else {
         return Ok(None);
     };
-    let malformed = |detail: &str| Denial {
-        reason: DenyReason::MalformedToken,
-        detail: Some(detail.to_owned()),
-    };
+    let malformed = |detail: &str| DenyReason::MalformedToken.because(detail);
     if found.next().is_some() {
         return Err(malformed("more than one authorization header"));
     }

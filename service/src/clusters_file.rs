@@ -1,6 +1,8 @@
 //! The `--clusters-config` file: which workload clusters may present tokens, how each is
-//! validated (JWKS or TokenReview) and which namespaces each may map into. Parsed and
-//! checked in full before use; every error names the cluster and the field.
+//! validated (JWKS or TokenReview) and which namespaces each may map into. [`parse`]
+//! turns the text into a validated configuration without touching the file system;
+//! [`load`] reads the file and the files it names. Every error names the cluster and
+//! the field.
 
 use std::{
     collections::HashMap,
@@ -11,11 +13,16 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::namespaces::{Glob, NamespacePolicy};
 use crate::{
-    Error, duration,
-    jwks::{KeySource, fetch, keys::KeySet},
-    names,
+    Error,
+    duration::{self, DurationError},
+    jwks::{
+        KeySource,
+        fetch::{self, FetchError},
+        keys::{KeyError, KeySet},
+    },
+    names::{self, NotALabel},
+    namespaces::{Glob, GlobError, NamespacePolicy},
 };
 
 /// Default clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -33,9 +40,34 @@ pub const REFRESH_INTERVAL_BOUNDS: (Duration, Duration) =
 pub struct ClustersConfig {
     /// The clusters, in file order.
     pub clusters: Vec<ClusterSpec>,
-    /// Files the configuration read besides itself (`ca_file`, kubeconfigs): a change to
-    /// one of them is a change to the configuration.
-    pub files: Vec<PathBuf>,
+    /// Files the configuration names (`ca_file`, kubeconfigs), resolved against its
+    /// directory: [`load`] reads them, and a change to one is a change to the
+    /// configuration.
+    pub files: Vec<NamedFile>,
+}
+
+impl ClustersConfig {
+    /// The paths of [`ClustersConfig::files`].
+    pub fn file_paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+}
+
+/// A file the configuration names, and for which cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    /// Resolved against the configuration's directory.
+    pub path: PathBuf,
+    /// Index into [`ClustersConfig::clusters`].
+    cluster: usize,
+    /// `ca_file` or `tokenreview.kubeconfig`.
+    field: FileField,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileField {
+    CaFile,
+    Kubeconfig,
 }
 
 /// One workload cluster.
@@ -116,89 +148,326 @@ enum RawDuration {
 }
 
 impl RawDuration {
-    fn parse(&self) -> Result<Duration, String> {
+    fn parse(&self, field: &'static str) -> Result<Duration, EntryError> {
         match self {
             RawDuration::Seconds(s) => Ok(Duration::from_secs(*s)),
-            RawDuration::Text(t) => duration::parse(t).map_err(|e| e.to_string()),
+            RawDuration::Text(t) => {
+                duration::parse(t).map_err(|source| EntryError::Duration { field, source })
+            }
         }
     }
 }
 
-/// Reads and validates the file at `path`. `own_namespace` is protected in every
-/// cluster's namespace policy.
-pub fn load(path: &Path, own_namespace: &str) -> Result<ClustersConfig, Error> {
-    let problem = |problem: String| Error::ClustersConfig {
-        path: path.to_owned(),
-        problem,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
-    parse(&text, base, own_namespace).map_err(problem)
+/// Why a clusters file is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ClustersError {
+    /// Not YAML of the expected shape.
+    #[error("{0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// No `clusters`, or an empty list.
+    #[error("clusters: at least one cluster is required")]
+    NoClusters,
+    /// The file itself could not be read.
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// One cluster's entry; `cluster` is `cluster "east" (clusters[0])`.
+    #[error("{cluster}: {problem}")]
+    Entry {
+        /// Which entry, by name and position.
+        cluster: String,
+        /// What is wrong with it.
+        problem: EntryError,
+    },
 }
 
-/// Parses and validates a clusters file. Relative paths resolve against `base`.
-pub fn parse(text: &str, base: &Path, own_namespace: &str) -> Result<ClustersConfig, String> {
-    let raw: RawFile = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+/// What is wrong with one cluster's entry; the text starts with the field.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// Unknown keys or values of the wrong type.
+    #[error("{0}")]
+    Shape(serde_yaml::Error),
+    /// A field that must be given.
+    #[error("{field}: required")]
+    Required {
+        /// The field.
+        field: &'static str,
+    },
+    /// `name` is not a DNS-1123 label.
+    #[error("name: {0}")]
+    Name(NotALabel),
+    /// `issuer` is empty or padded.
+    #[error("issuer: must be non-empty without surrounding spaces")]
+    Issuer,
+    /// `name` or `issuer` is another entry's too.
+    #[error("{field}: {value:?} is already used by clusters[{first}]")]
+    Duplicate {
+        /// `name` or `issuer`.
+        field: &'static str,
+        /// The repeated value.
+        value: String,
+        /// The entry that has it first.
+        first: usize,
+    },
+    /// No validation method.
+    #[error("one of jwks_uri, jwks_data, discovery: true or tokenreview is required")]
+    NoMethod,
+    /// Two validation methods.
+    #[error("{second}: cannot be combined with {first}; choose one validation method")]
+    TwoMethods {
+        /// The first one set, in the order above.
+        first: &'static str,
+        /// The next one.
+        second: &'static str,
+    },
+    /// `ca_file` or `refresh_interval` without remote keys.
+    #[error("{field}: only for jwks_uri or discovery")]
+    RemoteOnly {
+        /// The field.
+        field: &'static str,
+    },
+    /// `leeway` with TokenReview.
+    #[error("leeway: only for JWKS validation (the API server checks times)")]
+    LeewayWithTokenReview,
+    /// A duration field that does not parse.
+    #[error("{field}: {source}")]
+    Duration {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        source: DurationError,
+    },
+    /// `leeway` above [`MAX_LEEWAY`].
+    #[error("leeway: {} s is more than the {} s allowed", .0.as_secs(), MAX_LEEWAY.as_secs())]
+    LeewayTooLong(Duration),
+    /// `refresh_interval` outside [`REFRESH_INTERVAL_BOUNDS`].
+    #[error(
+        "refresh_interval: must be between {} s and {} s",
+        REFRESH_INTERVAL_BOUNDS.0.as_secs(),
+        REFRESH_INTERVAL_BOUNDS.1.as_secs()
+    )]
+    RefreshInterval,
+    /// `jwks_data` given as a string that is not JSON.
+    #[error("jwks_data: not a JSON document: {0}")]
+    JwksJson(serde_json::Error),
+    /// `jwks_data` is not a usable key set.
+    #[error("jwks_data: {0}")]
+    JwksData(KeyError),
+    /// `jwks_uri` is not HTTPS.
+    #[error("jwks_uri: must be an https:// URL")]
+    JwksUriNotHttps,
+    /// `discovery: true` with an issuer that is not an HTTPS URL.
+    #[error("discovery: the issuer must be an https:// URL to discover from")]
+    DiscoveryNotHttps,
+    /// `audiences: []`.
+    #[error("audiences: empty; leave it out to accept any audience")]
+    NoAudiences,
+    /// An empty or padded audience.
+    #[error("audiences: {0:?}: an audience must be non-empty without surrounding spaces")]
+    Audience(String),
+    /// A namespace pattern that could never match.
+    #[error("namespaces.{list}[{index}]: {source}")]
+    Namespace {
+        /// `allow` or `deny`.
+        list: &'static str,
+        /// Position in the list.
+        index: usize,
+        /// Why.
+        source: GlobError,
+    },
+    /// A named file that cannot be read.
+    #[error("{field}: {}: {source}", path.display())]
+    File {
+        /// `ca_file` or `tokenreview.kubeconfig`.
+        field: &'static str,
+        /// The resolved path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `tokenreview.kubeconfig` is not a kubeconfig.
+    #[error("tokenreview.kubeconfig: {}: {source}", path.display())]
+    Kubeconfig {
+        /// The resolved path.
+        path: PathBuf,
+        /// Why.
+        source: kube::config::KubeconfigError,
+    },
+    /// `ca_file` holds no usable certificate.
+    #[error("ca_file: {}: {source}", path.display())]
+    CaFile {
+        /// The resolved path.
+        path: PathBuf,
+        /// Why.
+        source: FetchError,
+    },
+}
+
+/// Reads and validates the file at `path` and the files it names. `own_namespace` is
+/// protected in every cluster's namespace policy.
+pub fn load(path: &Path, own_namespace: &str) -> Result<ClustersConfig, Error> {
+    let problem = |problem: ClustersError| Error::ClustersConfig {
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| problem(ClustersError::Read(e)))?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let config = parse(&text, base, own_namespace).map_err(problem)?;
+    read_named_files(config).map_err(problem)
+}
+
+/// Parses and validates a clusters file, reading nothing: the files it names are listed
+/// in [`ClustersConfig::files`] (relative paths resolved against `base`) for
+/// [`load`] to read.
+pub fn parse(
+    text: &str,
+    base: &Path,
+    own_namespace: &str,
+) -> Result<ClustersConfig, ClustersError> {
+    let raw: RawFile = serde_yaml::from_str(text)?;
     let entries = raw.clusters.unwrap_or_default();
     if entries.is_empty() {
-        return Err("clusters: at least one cluster is required".to_owned());
+        return Err(ClustersError::NoClusters);
     }
-    let mut clusters: Vec<ClusterSpec> = Vec::with_capacity(entries.len());
-    let mut files = Vec::new();
+    let mut config = ClustersConfig {
+        clusters: Vec::with_capacity(entries.len()),
+        files: Vec::new(),
+    };
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut issuers: HashMap<String, usize> = HashMap::new();
     for (index, entry) in entries.into_iter().enumerate() {
-        let label = match entry.get("name").and_then(serde_yaml::Value::as_str) {
-            Some(name) => format!("cluster {name:?} (clusters[{index}])"),
-            None => format!("clusters[{index}]"),
+        let label = entry_label(&entry, index);
+        let in_entry = |problem| ClustersError::Entry {
+            cluster: label.clone(),
+            problem,
         };
-        let spec =
-            cluster(entry, base, own_namespace, &mut files).map_err(|e| format!("{label}: {e}"))?;
-        if let Some(first) = names.insert(spec.name.clone(), index) {
-            return Err(format!(
-                "{label}: name: {:?} is already used by clusters[{first}]",
-                spec.name
-            ));
+        let (spec, files) = cluster(entry, base, own_namespace).map_err(in_entry)?;
+        for (field, value, seen) in [
+            ("name", &spec.name, &mut names),
+            ("issuer", &spec.issuer, &mut issuers),
+        ] {
+            if let Some(first) = seen.insert(value.clone(), index) {
+                let value = value.clone();
+                return Err(in_entry(EntryError::Duplicate {
+                    field,
+                    value,
+                    first,
+                }));
+            }
         }
-        if let Some(first) = issuers.insert(spec.issuer.clone(), index) {
-            return Err(format!(
-                "{label}: issuer: {:?} is already used by clusters[{first}]",
-                spec.issuer
-            ));
-        }
-        clusters.push(spec);
+        config
+            .files
+            .extend(files.into_iter().map(|(field, path)| NamedFile {
+                path,
+                cluster: index,
+                field,
+            }));
+        config.clusters.push(spec);
     }
-    Ok(ClustersConfig { clusters, files })
+    Ok(config)
 }
 
-fn read(
-    base: &Path,
-    path: &Path,
-    field: &str,
-    files: &mut Vec<PathBuf>,
-) -> Result<Vec<u8>, String> {
-    let path = base.join(path);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{field}: {}: {e}", path.display()))?;
-    files.push(path);
-    Ok(bytes)
+/// `cluster "east" (clusters[0])`, or `clusters[0]` for an entry without a name.
+fn entry_label(entry: &serde_yaml::Value, index: usize) -> String {
+    match entry.get("name").and_then(serde_yaml::Value::as_str) {
+        Some(name) => format!("cluster {name:?} (clusters[{index}])"),
+        None => format!("clusters[{index}]"),
+    }
 }
 
+/// Reads each named file and checks it is what its field says: a kubeconfig, or a PEM
+/// bundle (kept, as the only roots trusted for that cluster's key fetches).
+fn read_named_files(mut config: ClustersConfig) -> Result<ClustersConfig, ClustersError> {
+    for file in &config.files {
+        let spec = &mut config.clusters[file.cluster];
+        let in_entry = |problem| ClustersError::Entry {
+            cluster: format!("cluster {:?} (clusters[{}])", spec.name, file.cluster),
+            problem,
+        };
+        let path = file.path.clone();
+        match file.field {
+            FileField::Kubeconfig => {
+                kube::config::Kubeconfig::read_from(&path)
+                    .map_err(|source| in_entry(EntryError::Kubeconfig { path, source }))?;
+            }
+            FileField::CaFile => {
+                let pem = std::fs::read(&path).map_err(|source| {
+                    in_entry(EntryError::File {
+                        field: "ca_file",
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
+                fetch::roots(&pem).map_err(|source| {
+                    in_entry(EntryError::CaFile {
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
+                if let Method::Jwks {
+                    source: KeySource::Remote { ca_pem, .. },
+                    ..
+                } = &mut spec.method
+                {
+                    *ca_pem = Some(pem);
+                }
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// One entry, and the files it names.
 fn cluster(
     entry: serde_yaml::Value,
     base: &Path,
     own_namespace: &str,
-    files: &mut Vec<PathBuf>,
-) -> Result<ClusterSpec, String> {
-    let raw: RawCluster = serde_yaml::from_value(entry).map_err(|e| e.to_string())?;
-    let name = raw.name.ok_or("name: required")?;
-    names::check_label(&name).map_err(|e| format!("name: {e}"))?;
-    let issuer = raw.issuer.ok_or("issuer: required")?;
+) -> Result<(ClusterSpec, Vec<(FileField, PathBuf)>), EntryError> {
+    let raw: RawCluster = serde_yaml::from_value(entry).map_err(EntryError::Shape)?;
+    let name = raw
+        .name
+        .clone()
+        .ok_or(EntryError::Required { field: "name" })?;
+    names::check_label(&name).map_err(EntryError::Name)?;
+    let issuer = raw
+        .issuer
+        .clone()
+        .ok_or(EntryError::Required { field: "issuer" })?;
     if issuer.is_empty() || issuer.trim() != issuer {
-        return Err("issuer: must be non-empty without surrounding spaces".to_owned());
+        return Err(EntryError::Issuer);
     }
+    check_method_fields(&raw)?;
+    let mut files = Vec::new();
+    let method = if let Some(review) = &raw.tokenreview {
+        let kubeconfig = review
+            .kubeconfig
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or(EntryError::Required {
+                field: "tokenreview.kubeconfig",
+            })?;
+        let path = base.join(kubeconfig);
+        files.push((FileField::Kubeconfig, path.clone()));
+        Method::TokenReview { kubeconfig: path }
+    } else {
+        if let Some(ca_file) = &raw.ca_file {
+            files.push((FileField::CaFile, base.join(ca_file)));
+        }
+        jwks_method(&raw, &issuer)?
+    };
+    let spec = ClusterSpec {
+        name,
+        issuer,
+        audiences: audiences(raw.audiences)?,
+        namespaces: namespace_policy(raw.namespaces, own_namespace)?,
+        method,
+    };
+    Ok((spec, files))
+}
 
+/// Exactly one validation method, and only the fields that go with it.
+fn check_method_fields(raw: &RawCluster) -> Result<(), EntryError> {
     let discovery = raw.discovery == Some(true);
-    let chosen: Vec<&str> = [
+    let chosen: Vec<&'static str> = [
         ("jwks_uri", raw.jwks_uri.is_some()),
         ("jwks_data", raw.jwks_data.is_some()),
         ("discovery", discovery),
@@ -208,137 +477,106 @@ fn cluster(
     .filter_map(|(field, set)| set.then_some(field))
     .collect();
     match chosen.as_slice() {
-        [] => {
-            return Err(
-                "one of jwks_uri, jwks_data, discovery: true or tokenreview is required".to_owned(),
-            );
-        }
+        [] => return Err(EntryError::NoMethod),
         [_] => {}
         [first, second, ..] => {
-            return Err(format!(
-                "{second}: cannot be combined with {first}; choose one validation method"
-            ));
+            return Err(EntryError::TwoMethods { first, second });
         }
     }
     let remote = raw.jwks_uri.is_some() || discovery;
     if raw.ca_file.is_some() && !remote {
-        return Err("ca_file: only for jwks_uri or discovery".to_owned());
+        return Err(EntryError::RemoteOnly { field: "ca_file" });
     }
     if raw.refresh_interval.is_some() && !remote {
-        return Err("refresh_interval: only for jwks_uri or discovery".to_owned());
+        return Err(EntryError::RemoteOnly {
+            field: "refresh_interval",
+        });
     }
     if raw.leeway.is_some() && raw.tokenreview.is_some() {
-        return Err("leeway: only for JWKS validation (the API server checks times)".to_owned());
+        return Err(EntryError::LeewayWithTokenReview);
     }
+    Ok(())
+}
 
-    let method = if let Some(review) = raw.tokenreview {
-        let kubeconfig = review
-            .kubeconfig
-            .filter(|p| !p.as_os_str().is_empty())
-            .ok_or("tokenreview.kubeconfig: required")?;
-        let path = base.join(&kubeconfig);
-        kube::config::Kubeconfig::read_from(&path)
-            .map_err(|e| format!("tokenreview.kubeconfig: {}: {e}", path.display()))?;
-        files.push(path.clone());
-        Method::TokenReview { kubeconfig: path }
+/// Inline keys, or where to fetch them; the CA bundle is read later, by [`load`].
+fn jwks_method(raw: &RawCluster, issuer: &str) -> Result<Method, EntryError> {
+    let leeway = match &raw.leeway {
+        Some(l) => l.parse("leeway")?,
+        None => DEFAULT_LEEWAY,
+    };
+    if leeway > MAX_LEEWAY {
+        return Err(EntryError::LeewayTooLong(leeway));
+    }
+    let source = if let Some(data) = &raw.jwks_data {
+        // A mapping (the original format), or the JWKS JSON as one string.
+        let document = match data {
+            Value::String(json) => serde_json::from_str(json).map_err(EntryError::JwksJson)?,
+            other => other.clone(),
+        };
+        KeySource::Static(KeySet::from_json(&document).map_err(EntryError::JwksData)?)
     } else {
-        let leeway = match &raw.leeway {
-            Some(l) => l.parse().map_err(|e| format!("leeway: {e}"))?,
-            None => DEFAULT_LEEWAY,
+        let endpoint = match &raw.jwks_uri {
+            Some(uri) if fetch::is_https_url(uri) => fetch::Endpoint::Uri(uri.clone()),
+            Some(_) => return Err(EntryError::JwksUriNotHttps),
+            None if fetch::is_https_url(issuer) => fetch::Endpoint::Discovery,
+            None => return Err(EntryError::DiscoveryNotHttps),
         };
-        if leeway > MAX_LEEWAY {
-            return Err(format!(
-                "leeway: {} s is more than the {} s allowed",
-                leeway.as_secs(),
-                MAX_LEEWAY.as_secs()
-            ));
-        }
-        let source = if let Some(data) = raw.jwks_data {
-            // A mapping (the original format), or the JWKS JSON as one string.
-            let document = match data {
-                Value::String(json) => serde_json::from_str(&json)
-                    .map_err(|e| format!("jwks_data: not a JSON document: {e}"))?,
-                other => other,
-            };
-            KeySource::Static(KeySet::from_json(&document).map_err(|e| format!("jwks_data: {e}"))?)
-        } else {
-            let endpoint = match raw.jwks_uri {
-                Some(uri) if fetch::is_https_url(&uri) => fetch::Endpoint::Uri(uri),
-                Some(_) => return Err("jwks_uri: must be an https:// URL".to_owned()),
-                None if fetch::is_https_url(&issuer) => fetch::Endpoint::Discovery,
-                None => {
-                    return Err(
-                        "discovery: the issuer must be an https:// URL to discover from".to_owned(),
-                    );
-                }
-            };
-            let ca_pem = match &raw.ca_file {
-                Some(path) => {
-                    let pem = read(base, path, "ca_file", files)?;
-                    fetch::roots(&pem).map_err(|e| format!("ca_file: {}: {e}", path.display()))?;
-                    Some(pem)
-                }
-                None => None,
-            };
-            let refresh_interval = match &raw.refresh_interval {
-                Some(r) => r.parse().map_err(|e| format!("refresh_interval: {e}"))?,
-                None => DEFAULT_REFRESH_INTERVAL,
-            };
-            let (min, max) = REFRESH_INTERVAL_BOUNDS;
-            if refresh_interval < min || refresh_interval > max {
-                return Err(format!(
-                    "refresh_interval: must be between {} s and {} s",
-                    min.as_secs(),
-                    max.as_secs()
-                ));
-            }
-            KeySource::Remote {
-                endpoint,
-                ca_pem,
-                refresh_interval,
-            }
+        let refresh_interval = match &raw.refresh_interval {
+            Some(r) => r.parse("refresh_interval")?,
+            None => DEFAULT_REFRESH_INTERVAL,
         };
-        Method::Jwks { source, leeway }
-    };
-
-    let audiences = match raw.audiences {
-        None => Vec::new(),
-        Some(list) if list.is_empty() => {
-            return Err("audiences: empty; leave it out to accept any audience".to_owned());
+        let (min, max) = REFRESH_INTERVAL_BOUNDS;
+        if refresh_interval < min || refresh_interval > max {
+            return Err(EntryError::RefreshInterval);
         }
-        Some(list) => {
-            if let Some(bad) = list.iter().find(|a| a.is_empty() || a.trim() != a.as_str()) {
-                return Err(format!(
-                    "audiences: {bad:?}: an audience must be non-empty without surrounding spaces"
-                ));
-            }
-            list
+        KeySource::Remote {
+            endpoint,
+            ca_pem: None,
+            refresh_interval,
         }
     };
+    Ok(Method::Jwks { source, leeway })
+}
 
-    let raw_namespaces = raw.namespaces.unwrap_or(RawNamespaces {
+/// Absent: any audience. Present: a non-empty list of non-empty, unpadded values.
+fn audiences(list: Option<Vec<String>>) -> Result<Vec<String>, EntryError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    if list.is_empty() {
+        return Err(EntryError::NoAudiences);
+    }
+    if let Some(bad) = list.iter().find(|a| a.is_empty() || a.trim() != a.as_str()) {
+        return Err(EntryError::Audience(bad.clone()));
+    }
+    Ok(list)
+}
+
+fn namespace_policy(
+    raw: Option<RawNamespaces>,
+    own_namespace: &str,
+) -> Result<NamespacePolicy, EntryError> {
+    let raw = raw.unwrap_or(RawNamespaces {
         allow: Vec::new(),
         deny: Vec::new(),
     });
-    let globs = |list: &[String], field: &str| -> Result<Vec<Glob>, String> {
+    let globs = |list: &[String], name: &'static str| -> Result<Vec<Glob>, EntryError> {
         list.iter()
             .enumerate()
-            .map(|(i, p)| Glob::new(p).map_err(|e| format!("namespaces.{field}[{i}]: {e}")))
+            .map(|(index, p)| {
+                Glob::new(p).map_err(|source| EntryError::Namespace {
+                    list: name,
+                    index,
+                    source,
+                })
+            })
             .collect()
     };
-    let namespaces = NamespacePolicy::new(
-        globs(&raw_namespaces.allow, "allow")?,
-        globs(&raw_namespaces.deny, "deny")?,
+    Ok(NamespacePolicy::new(
+        globs(&raw.allow, "allow")?,
+        globs(&raw.deny, "deny")?,
         own_namespace,
-    );
-
-    Ok(ClusterSpec {
-        name,
-        issuer,
-        audiences,
-        namespaces,
-        method,
-    })
+    ))
 }
 
 #[cfg(test)]

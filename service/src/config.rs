@@ -236,9 +236,9 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
                 .iter()
                 .map(|p| Glob::new(p))
                 .collect::<Result<_, _>>()
-                .map_err(|problem| Error::Config {
+                .map_err(|e: crate::namespaces::GlobError| Error::Config {
                     flag: "--allow-namespaces",
-                    problem,
+                    problem: e.to_string(),
                 })?;
             if let Some(bad) = args.workload_audiences.iter().find(|a| a.trim().is_empty()) {
                 return Err(Error::Config {

@@ -7,10 +7,10 @@ use std::{
     fmt,
     str::FromStr,
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::{
     api::{Api, ListParams, WatchEvent, WatchParams},
@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::{
     deny::{self, Denial, DenyReason, Side},
     identity::ServiceAccountRef,
+    metrics::Metrics,
     names::is_subdomain,
 };
 
@@ -101,28 +102,43 @@ impl fmt::Display for LabelRequirement {
     }
 }
 
+/// How long the set stays in force without the API server confirming it (a LIST, or a
+/// watch that ends normally or sends an event). A healthy watch confirms it at least
+/// every `WATCH_SECONDS`; past this bound, say a lost `list` right while TokenRequests
+/// still work, a removed label must not go unseen for ever.
+pub const STALE_AFTER: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Default)]
 struct Accounts {
-    /// Whether a LIST has answered since start: before that nothing is known.
-    synced: bool,
+    /// When the API server last confirmed the set; `None` before the first LIST, when
+    /// nothing is known.
+    confirmed: Option<Instant>,
     labelled: HashSet<(String, String)>,
 }
 
 /// The set of management service accounts that carry the required label, kept current by
 /// a background watch. Clones share it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Consent {
     required: Arc<LabelRequirement>,
     accounts: Arc<RwLock<Accounts>>,
+    stale_after: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Consent {
     /// Starts watching `client`'s service accounts for `required`; the task ends with the
     /// runtime.
-    pub fn watch(client: kube::Client, required: LabelRequirement) -> Consent {
+    pub fn watch(
+        client: kube::Client,
+        required: LabelRequirement,
+        metrics: Arc<Metrics>,
+    ) -> Consent {
         let consent = Consent {
             required: Arc::new(required),
             accounts: Arc::default(),
+            stale_after: STALE_AFTER,
+            metrics,
         };
         tokio::spawn(consent.clone().run(Api::all(client)));
         consent
@@ -130,31 +146,33 @@ impl Consent {
 
     /// Whether a LIST has answered, so `check` can give verdicts.
     pub fn synced(&self) -> bool {
-        self.read(|a| a.synced)
+        self.read(|a| a.confirmed.is_some())
     }
 
-    /// Ok when `service_account` carries the label. Before the first LIST, 503: the
-    /// management side's answer is not known yet.
+    /// Ok when `service_account` carries the label. Before the first LIST, or when the
+    /// set was last confirmed more than [`STALE_AFTER`] ago, 503: the management side's
+    /// answer is not known.
     pub fn check(&self, service_account: &ServiceAccountRef) -> Result<(), Denial> {
         let key = (
             service_account.namespace().to_owned(),
             service_account.name().to_owned(),
         );
-        let (synced, labelled) = self.read(|a| (a.synced, a.labelled.contains(&key)));
-        if !synced {
-            return Err(Denial {
-                reason: DenyReason::Unavailable(Side::Management),
-                detail: Some("service accounts labelled for exchange not listed yet".to_owned()),
-            });
+        let (confirmed, labelled) = self.read(|a| (a.confirmed, a.labelled.contains(&key)));
+        let Some(confirmed) = confirmed else {
+            return Err(DenyReason::Unavailable(Side::Management)
+                .because("service accounts labelled for exchange not listed yet"));
+        };
+        if confirmed.elapsed() > self.stale_after {
+            return Err(DenyReason::Unavailable(Side::Management).because(format!(
+                "service accounts labelled for exchange last confirmed {} s ago",
+                confirmed.elapsed().as_secs()
+            )));
         }
         if !labelled {
-            return Err(Denial {
-                reason: DenyReason::NotConsented,
-                detail: Some(format!(
-                    "the management service account lacks the label {}",
-                    self.required
-                )),
-            });
+            return Err(DenyReason::NotConsented.because(format!(
+                "the management service account lacks the label {}",
+                self.required
+            )));
         }
         Ok(())
     }
@@ -172,7 +190,7 @@ impl Consent {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner));
         let count = self.read(|a| a.labelled.len());
-        crate::metrics::global()
+        self.metrics
             .consented_accounts
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
@@ -199,19 +217,20 @@ impl Consent {
                             backoff = BACKOFF.0;
                             version = next;
                         }
-                        Err(detail) => {
+                        Err(e) => {
                             warn!(
                                 cluster = "management",
-                                detail, "service-account watch ended; listing again"
+                                detail = %e,
+                                "service-account watch ended; listing again"
                             );
                             break;
                         }
                     }
                 },
-                Err(detail) => {
+                Err(e) => {
                     warn!(
                         cluster = "management",
-                        detail,
+                        detail = %e,
                         retry_in_s = backoff.as_secs(),
                         "listing the service accounts labelled for exchange failed"
                     );
@@ -223,16 +242,16 @@ impl Consent {
     }
 
     /// Replaces the set with a LIST; returns the list's resourceVersion.
-    async fn list(&self, api: &Api<ServiceAccount>, selector: &str) -> Result<String, String> {
+    async fn list(&self, api: &Api<ServiceAccount>, selector: &str) -> Result<String, WatchError> {
         let started = std::time::Instant::now();
         let listed = api.list(&ListParams::default().labels(selector)).await;
-        crate::metrics::global().kube_call(
+        self.metrics.kube_call(
             "management",
             "list_serviceaccounts",
             crate::metrics::code_of(&listed, "200"),
             started.elapsed(),
         );
-        let listed = listed.map_err(|e| deny::describe(&e))?;
+        let listed = listed?;
         let labelled: HashSet<_> = listed
             .items
             .iter()
@@ -242,7 +261,7 @@ impl Consent {
         let count = labelled.len();
         self.write(|a| {
             a.labelled = labelled;
-            a.synced = true;
+            a.confirmed = Some(Instant::now());
         });
         if first {
             info!(label = %self.required, accounts = count, "service accounts labelled for exchange listed");
@@ -257,7 +276,7 @@ impl Consent {
         api: &Api<ServiceAccount>,
         selector: &str,
         version: &str,
-    ) -> Result<String, String> {
+    ) -> Result<String, WatchError> {
         // Bookmarks keep the resume version fresh in a quiet cluster, so a resumed watch
         // does not meet 410 and a full relist after compaction.
         let params = WatchParams::default()
@@ -265,11 +284,8 @@ impl Consent {
             .timeout(WATCH_SECONDS);
         let mut version = version.to_owned();
         let watched = async {
-            let stream = api
-                .watch(&params, &version)
-                .await
-                .map_err(|e| deny::describe(&e))?;
-            let mut stream = std::pin::pin!(stream.map_err(|e| deny::describe(&e)));
+            let stream = api.watch(&params, &version).await?;
+            let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 let (present, sa) = match event? {
                     WatchEvent::Added(sa) | WatchEvent::Modified(sa) => (true, sa),
@@ -279,7 +295,10 @@ impl Consent {
                         continue;
                     }
                     WatchEvent::Error(status) => {
-                        return Err(format!("{} ({})", status.message, status.code));
+                        return Err(WatchError::Status {
+                            message: status.message,
+                            code: status.code,
+                        });
                     }
                 };
                 if let Some(next) = &sa.metadata.resource_version {
@@ -288,25 +307,37 @@ impl Consent {
                 // A watch on a selector reports an account that lost the label as
                 // DELETED; the check below also covers a server that sends MODIFIED.
                 let keep = present && carries(&sa.metadata, &self.required);
-                if let Some(key) = key(&sa.metadata) {
-                    self.write(|a| {
-                        if keep {
-                            a.labelled.insert(key);
-                        } else {
-                            a.labelled.remove(&key);
-                        }
-                    });
-                }
+                let key = key(&sa.metadata);
+                self.write(|a| {
+                    a.confirmed = Some(Instant::now());
+                    match key {
+                        Some(key) if keep => a.labelled.insert(key),
+                        Some(key) => a.labelled.remove(&key),
+                        None => false,
+                    };
+                });
             }
+            self.write(|a| a.confirmed = Some(Instant::now()));
             Ok(())
         };
         let bound = Duration::from_secs(u64::from(WATCH_SECONDS)) + WATCH_SLACK;
         match tokio::time::timeout(bound, watched).await {
             Ok(Ok(())) => Ok(version),
-            Ok(Err(detail)) => Err(detail),
-            Err(_) => Err("the watch outlived its timeout (connection lost?)".to_owned()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(WatchError::Outlived(bound)),
         }
     }
+}
+
+/// Why a LIST or WATCH gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error("{}", deny::describe(.0))]
+    Kube(#[from] kube::Error),
+    #[error("{message} ({code})")]
+    Status { message: String, code: u16 },
+    #[error("the watch outlived its timeout of {0:?} (connection lost?)")]
+    Outlived(Duration),
 }
 
 fn key(meta: &ObjectMeta) -> Option<(String, String)> {
@@ -359,13 +390,15 @@ mod tests {
         let consent = Consent {
             required: Arc::new("tokensmith.io/exchange=true".parse().unwrap()),
             accounts: Arc::default(),
+            stale_after: STALE_AFTER,
+            metrics: Arc::default(),
         };
         let sa = ServiceAccountRef::new("app-prod", "eso-sa").unwrap();
         let other = ServiceAccountRef::new("app-prod", "other").unwrap();
         let before = consent.check(&sa).unwrap_err();
         assert_eq!(before.reason, DenyReason::Unavailable(Side::Management));
         consent.write(|a| {
-            a.synced = true;
+            a.confirmed = Some(Instant::now());
             a.labelled.insert(("app-prod".into(), "eso-sa".into()));
         });
         assert!(consent.check(&sa).is_ok());
@@ -377,5 +410,27 @@ mod tests {
                 .unwrap()
                 .contains("tokensmith.io/exchange=true")
         );
+    }
+
+    #[test]
+    fn a_set_nobody_confirmed_for_too_long_gives_no_verdict() {
+        let consent = Consent {
+            required: Arc::new("tokensmith.io/exchange=true".parse().unwrap()),
+            accounts: Arc::default(),
+            stale_after: Duration::from_millis(50),
+            metrics: Arc::default(),
+        };
+        let sa = ServiceAccountRef::new("app-prod", "eso-sa").unwrap();
+        consent.write(|a| {
+            a.confirmed = Some(Instant::now());
+            a.labelled.insert(("app-prod".into(), "eso-sa".into()));
+        });
+        assert!(consent.check(&sa).is_ok());
+        std::thread::sleep(Duration::from_millis(60));
+        let stale = consent.check(&sa).unwrap_err();
+        assert_eq!(stale.reason, DenyReason::Unavailable(Side::Management));
+        assert!(stale.detail.unwrap().contains("last confirmed"));
+        consent.write(|a| a.confirmed = Some(Instant::now()));
+        assert!(consent.check(&sa).is_ok());
     }
 }

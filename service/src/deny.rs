@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use crate::{error_chain, identity::IdentityError};
+
 use tokensmith_proto::envoy::r#type::v3::StatusCode;
 
 /// Which of the two clusters a call goes to.
@@ -38,6 +40,25 @@ pub struct Denial {
     pub reason: DenyReason,
     /// Details for operators (an API status message, an error chain). Never a token.
     pub detail: Option<String>,
+}
+
+impl DenyReason {
+    /// This refusal, with what operators should read about it in the log.
+    pub fn because(self, detail: impl Into<String>) -> Denial {
+        Denial {
+            reason: self,
+            detail: Some(detail.into()),
+        }
+    }
+}
+
+impl From<IdentityError> for DenyReason {
+    fn from(error: IdentityError) -> Self {
+        match error {
+            IdentityError::NotServiceAccount => DenyReason::NotServiceAccount,
+            IdentityError::InvalidName => DenyReason::InvalidServiceAccountName,
+        }
+    }
 }
 
 impl From<DenyReason> for Denial {
@@ -210,17 +231,11 @@ pub fn classify(
 /// Whether a transport error is the client's own timeout firing (the backstop timeouts
 /// set in [`client`]).
 fn timed_out(error: &kube::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(cause) = source {
-        if cause
+    error_chain::causes(error).any(|cause| {
+        cause
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
+    })
 }
 
 /// A log-safe description of a failed call: the API's status message, or the error
@@ -230,16 +245,7 @@ pub fn describe(error: &kube::Error) -> String {
         kube::Error::Api(status) => {
             format!("{} {}: {}", status.code, status.reason, status.message)
         }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            text
-        }
+        other => error_chain::describe(other),
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::{
     fmt,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
@@ -220,7 +220,7 @@ fn httpdate(text: &str) -> Option<SystemTime> {
 }
 
 /// Whether the client's identity may do it (SelfSubjectAccessReview).
-async fn may(client: &kube::Client, attributes: ResourceAttributes) -> Result<bool, String> {
+async fn may(client: &kube::Client, attributes: ResourceAttributes) -> Result<bool, kube::Error> {
     let review = SelfSubjectAccessReview {
         spec: SelfSubjectAccessReviewSpec {
             resource_attributes: Some(attributes),
@@ -229,10 +229,7 @@ async fn may(client: &kube::Client, attributes: ResourceAttributes) -> Result<bo
         ..Default::default()
     };
     let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
-    let answer = api
-        .create(&PostParams::default(), &review)
-        .await
-        .map_err(|e| deny::describe(&e))?;
+    let answer = api.create(&PostParams::default(), &review).await?;
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
@@ -249,9 +246,12 @@ fn attributes(group: &str, resource: &str, sub: &str, verb: &str, ns: &str) -> R
 }
 
 /// A SelfSubjectAccessReview that got no answer: the credentials themselves are suspect.
-fn review_failed(who: &str, error: &str) -> Finding {
+fn review_failed(who: &str, error: &kube::Error) -> Finding {
     Finding::fail(
-        format!("{who}: SelfSubjectAccessReview failed: {error}"),
+        format!(
+            "{who}: SelfSubjectAccessReview failed: {}",
+            deny::describe(error)
+        ),
         format!("check the {who} credentials"),
     )
 }
@@ -315,10 +315,13 @@ async fn file_cluster(findings: &mut Vec<Finding>, spec: &ClusterSpec, settings:
             ..
         } => {
             let fetched = match Fetcher::new(&spec.issuer, endpoint.clone(), ca_pem.as_deref()) {
-                Ok(fetcher) => tokio::time::timeout(settings.timeout, fetcher.fetch())
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", settings.timeout))),
-                Err(e) => Err(e),
+                Ok(fetcher) => {
+                    match tokio::time::timeout(settings.timeout, fetcher.fetch()).await {
+                        Ok(fetched) => fetched.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("no answer within {:?}", settings.timeout)),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
             };
             findings.push(match fetched {
                 Ok(keys) if !keys.keys().is_empty() => Finding::pass(format!(
@@ -425,8 +428,24 @@ fn token_expiry(name: &str, kubeconfig: &Path) -> Finding {
     }
 }
 
-fn reviewer_token(path: &Path) -> Result<Option<String>, String> {
-    let file = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
+/// Why the reviewer's token cannot be read from its kubeconfig.
+#[derive(Debug, thiserror::Error)]
+enum ReviewerTokenError {
+    #[error("{0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("{}: no current context", .0.display())]
+    NoContext(PathBuf),
+    #[error("{}: no user {user:?}", path.display())]
+    NoUser { path: PathBuf, user: String },
+    #[error("{}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn reviewer_token(path: &Path) -> Result<Option<String>, ReviewerTokenError> {
+    let file = kube::config::Kubeconfig::read_from(path)?;
     let context = file.current_context.clone().unwrap_or_default();
     let user = file
         .contexts
@@ -434,13 +453,16 @@ fn reviewer_token(path: &Path) -> Result<Option<String>, String> {
         .find(|c| c.name == context)
         .and_then(|c| c.context.as_ref())
         .and_then(|c| c.user.clone())
-        .ok_or_else(|| format!("{}: no current context", path.display()))?;
+        .ok_or_else(|| ReviewerTokenError::NoContext(path.to_owned()))?;
     let auth = file
         .auth_infos
         .iter()
         .find(|a| a.name == user)
         .and_then(|a| a.auth_info.as_ref())
-        .ok_or_else(|| format!("{}: no user {user:?}", path.display()))?;
+        .ok_or_else(|| ReviewerTokenError::NoUser {
+            path: path.to_owned(),
+            user: user.clone(),
+        })?;
     if let Some(token) = &auth.token {
         use secrecy::ExposeSecret;
         return Ok(Some(token.expose_secret().to_owned()));
@@ -449,7 +471,7 @@ fn reviewer_token(path: &Path) -> Result<Option<String>, String> {
         let file = path.parent().unwrap_or(Path::new(".")).join(file);
         return std::fs::read_to_string(&file)
             .map(|t| Some(t.trim().to_owned()))
-            .map_err(|e| format!("{}: {e}", file.display()));
+            .map_err(|source| ReviewerTokenError::TokenFile { path: file, source });
     }
     Ok(None)
 }

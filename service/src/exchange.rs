@@ -3,6 +3,7 @@
 
 pub mod cache;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::{
@@ -14,6 +15,7 @@ use kube::api::{Api, PostParams};
 use crate::{
     deny::{self, Denial, DenyReason, Side},
     identity::ServiceAccountRef,
+    metrics::Metrics,
     secret::ExchangedToken,
 };
 
@@ -33,13 +35,18 @@ pub fn bounded_lifetime(configured: Duration, remaining: Option<Duration>) -> Du
 pub struct Exchanger {
     client: kube::Client,
     audiences: Vec<String>,
+    metrics: Arc<Metrics>,
 }
 
 impl Exchanger {
     /// An exchanger using `client` (built for the management cluster). Empty `audiences`
     /// leaves the choice to the API server (its own API audiences).
-    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
-        Self { client, audiences }
+    pub fn new(client: kube::Client, audiences: Vec<String>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            audiences,
+            metrics,
+        }
     }
 
     /// Asks for a token of `service_account` valid for `lifetime`. No GET first: a 404
@@ -63,28 +70,25 @@ impl Exchanger {
         let response = api
             .create_token_request(service_account.name(), &PostParams::default(), &request)
             .await;
-        crate::metrics::global().kube_call(
+        self.metrics.kube_call(
             "management",
             "tokenrequest",
             crate::metrics::code_of(&response, "201"),
             started.elapsed(),
         );
-        let response = response.map_err(|e| Denial {
-            reason: deny::classify(
+        let response = response.map_err(|e| {
+            deny::classify(
                 &e,
                 Side::Management,
                 Some(DenyReason::UnknownServiceAccount),
                 Some(DenyReason::ExchangeForbidden),
-            ),
-            detail: Some(deny::describe(&e)),
+            )
+            .because(deny::describe(&e))
         })?;
-        let status = response
-            .status
-            .filter(|s| !s.token.is_empty())
-            .ok_or(Denial {
-                reason: DenyReason::Unavailable(Side::Management),
-                detail: Some("TokenRequest answered without a token".to_owned()),
-            })?;
+        let status = response.status.filter(|s| !s.token.is_empty()).ok_or(
+            DenyReason::Unavailable(Side::Management)
+                .because("TokenRequest answered without a token"),
+        )?;
         // The API may shorten what we asked for: trust its timestamp, not our request.
         let expires_at = SystemTime::from(status.expiration_timestamp.0);
         Ok(ExchangedToken::new(status.token, expires_at))

@@ -22,9 +22,10 @@ use tracing::{debug, info, warn};
 use crate::{
     deny::{Denial, DenyReason, Side},
     identity::Validated,
+    metrics::{JwksFetchLabels, Metrics},
     secret::BearerToken,
 };
-use fetch::{Endpoint, Fetcher};
+use fetch::{Endpoint, FetchError, Fetcher};
 use keys::{KeySet, Selection};
 use verify::Expectations;
 
@@ -64,6 +65,7 @@ struct Inner {
     name: String,
     keys: RwLock<Option<Arc<KeySet>>>,
     remote: Option<Remote>,
+    metrics: Arc<Metrics>,
 }
 
 struct Remote {
@@ -100,29 +102,25 @@ impl Drop for Inner {
 }
 
 fn unavailable(detail: impl Into<String>) -> Denial {
-    Denial {
-        reason: DenyReason::Unavailable(Side::Workload),
-        detail: Some(detail.into()),
-    }
+    DenyReason::Unavailable(Side::Workload).because(detail)
 }
 
 fn invalid(detail: impl Into<String>) -> Denial {
-    Denial {
-        reason: DenyReason::InvalidToken,
-        detail: Some(detail.into()),
-    }
+    DenyReason::InvalidToken.because(detail)
 }
 
 impl JwksValidator {
     /// A validator for cluster `name` whose tokens carry `issuer`. A remote source starts
     /// its fetch task at once (so this needs a Tokio runtime); `loaded` is notified the
-    /// first time keys arrive (readiness waits for it).
+    /// first time keys arrive (readiness waits for it). Fails only when the fetcher
+    /// cannot be built (`ca_file`, system roots); a failing endpoint is not an error here.
     pub fn new(
         name: &str,
         issuer: &str,
         source: &KeySource,
         loaded: Arc<Notify>,
-    ) -> Result<Self, String> {
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, FetchError> {
         let (keys, remote, interval) = match source {
             KeySource::Static(set) => (Some(Arc::new(set.clone())), None, None),
             KeySource::Remote {
@@ -145,6 +143,7 @@ impl JwksValidator {
             name: name.to_owned(),
             keys: RwLock::new(keys),
             remote,
+            metrics,
         });
         if let (Some(remote), Some(interval)) = (&inner.remote, interval) {
             let task = tokio::spawn(refresh_loop(
@@ -322,9 +321,10 @@ async fn fetch_once(inner: &Inner, loaded: &Notify) -> bool {
     let result = remote.fetcher.fetch().await;
     let ok = result.is_ok();
     let name = inner.name.as_str();
-    crate::metrics::global()
+    inner
+        .metrics
         .jwks_fetches
-        .get_or_create(&crate::metrics::JwksFetchLabels {
+        .get_or_create(&JwksFetchLabels {
             cluster: name.to_owned(),
             result: if ok { "ok" } else { "error" },
         })
@@ -357,7 +357,8 @@ async fn fetch_once(inner: &Inner, loaded: &Notify) -> bool {
                 loaded.notify_one();
             }
         }
-        Err(detail) => {
+        Err(error) => {
+            let detail = error.to_string();
             let have = inner
                 .keys
                 .read()

@@ -22,6 +22,7 @@ pub mod deny;
 pub mod doctor;
 pub mod duration;
 pub mod error;
+pub mod error_chain;
 pub mod exchange;
 pub mod greet;
 pub mod identity;

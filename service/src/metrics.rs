@@ -1,7 +1,7 @@
 //! Prometheus metrics of the companion (prometheus-client). Labels never carry a token,
 //! nor a namespace or name (unbounded cardinality): identities belong in the audit log.
 
-use std::{sync::LazyLock, time::Duration};
+use std::time::Duration;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -91,12 +91,6 @@ pub struct Metrics {
     pub consented_accounts: Gauge,
 }
 
-/// The process's metrics (one registry per process, as Prometheus expects).
-pub fn global() -> &'static Metrics {
-    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-    &METRICS
-}
-
 /// The `code` label of a Kubernetes call's result; kube does not report the status of a
 /// success, so the caller names it (`201` for creates).
 pub fn code_of<T>(result: &Result<T, kube::Error>, success: &str) -> String {
@@ -107,9 +101,15 @@ pub fn code_of<T>(result: &Result<T, kube::Error>, success: &str) -> String {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    /// Registers every family.
-    fn new() -> Self {
+    /// Registers every family. The server makes one and hands it to every stage.
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tokensmith");
         let m = Metrics {
             checks: Family::default(),

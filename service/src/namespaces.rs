@@ -14,6 +14,11 @@ pub const PROTECTED_NAMESPACES: [&str; 4] = [
     "istio-system",
 ];
 
+/// A pattern that could never match a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a namespace pattern (a-z, 0-9, '-', '*', '?'; at most 63)")]
+pub struct GlobError(pub String);
+
 /// A namespace pattern: `*` matches any run of characters, `?` exactly one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob(String);
@@ -22,13 +27,11 @@ impl Glob {
     /// Accepts patterns made of namespace characters (`a-z`, `0-9`, `-`) and the two
     /// wildcards, at most 63 characters: anything else could never match a namespace,
     /// so it is a typo worth reporting.
-    pub fn new(pattern: &str) -> Result<Glob, String> {
+    pub fn new(pattern: &str) -> Result<Glob, GlobError> {
         if names::has_label_chars(pattern, b"*?") {
             Ok(Glob(pattern.to_owned()))
         } else {
-            Err(format!(
-                "{pattern:?} is not a namespace pattern (a-z, 0-9, '-', '*', '?'; at most 63)"
-            ))
+            Err(GlobError(pattern.to_owned()))
         }
     }
 
@@ -191,7 +194,7 @@ mod tests {
             assert!(Glob::new(bad).is_err(), "{bad:?}");
         }
         assert_eq!(
-            Glob::new("Kube_*").unwrap_err(),
+            Glob::new("Kube_*").unwrap_err().to_string(),
             "\"Kube_*\" is not a namespace pattern (a-z, 0-9, '-', '*', '?'; at most 63)"
         );
     }

@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     deny::{self, Denial, DenyReason, Side},
-    identity::{IdentityError, ServiceAccountRef, Validated, WorkloadIdentity},
-    metrics::{self, CacheLabels},
+    identity::{ServiceAccountRef, Validated, WorkloadIdentity},
+    metrics::{self, CacheLabels, Metrics},
     secret::BearerToken,
 };
 use turns::Turns;
@@ -59,6 +59,20 @@ impl moka::Expiry<[u8; 32], Answer> for AnswerExpiry {
     }
 }
 
+/// Why a readiness question to the workload API server got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing within the probe's timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The call failed.
+    #[error("{}", deny::describe(.0))]
+    Kube(kube::Error),
+    /// The request could not be built.
+    #[error("{0}")]
+    Request(http::Error),
+}
+
 /// Validates workload tokens with the workload cluster's TokenReview API.
 #[derive(Clone)]
 pub struct Reviewer {
@@ -73,6 +87,7 @@ pub struct Reviewer {
     /// get 429, so a flood of unknown tokens cannot hold every API-server slot; cached
     /// ones need none.
     turns: Turns,
+    metrics: Arc<Metrics>,
 }
 
 const VALIDATION: CacheLabels = CacheLabels {
@@ -91,6 +106,7 @@ impl Reviewer {
         audiences: Vec<String>,
         validation_ttl: Duration,
         turns: Turns,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let cache = (!validation_ttl.is_zero()).then(|| {
             moka::future::Cache::builder()
@@ -107,15 +123,16 @@ impl Reviewer {
             client,
             audiences,
             cache,
+            metrics,
         }
     }
 
     /// Whether the API server answers `GET /version` within `timeout` (readiness).
-    pub async fn reachable(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn reachable(&self, timeout: Duration) -> Result<(), ProbeError> {
         match tokio::time::timeout(timeout, self.client.apiserver_version()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(deny::describe(&e)),
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Err(e)) => Err(ProbeError::Kube(e)),
+            Err(_) => Err(ProbeError::Timeout(timeout)),
         }
     }
 
@@ -123,19 +140,19 @@ impl Reviewer {
     /// (`/.well-known/openid-configuration`, readable by every service account).
     /// `Ok(None)` when it definitely has none to tell (discovery off, 403 or 404, no
     /// `issuer`); `Err` for a failure worth retrying.
-    pub async fn discover_issuer(&self, timeout: Duration) -> Result<Option<String>, String> {
+    pub async fn discover_issuer(&self, timeout: Duration) -> Result<Option<String>, ProbeError> {
         #[derive(Deserialize)]
         struct Discovery {
             issuer: Option<String>,
         }
         let request = http::Request::get("/.well-known/openid-configuration")
             .body(Vec::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(ProbeError::Request)?;
         match tokio::time::timeout(timeout, self.client.request::<Discovery>(request)).await {
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Err(_) => Err(ProbeError::Timeout(timeout)),
             Ok(Ok(document)) => Ok(document.issuer.filter(|i| !i.is_empty())),
             Ok(Err(kube::Error::Api(status))) if matches!(status.code, 401 | 403 | 404) => Ok(None),
-            Ok(Err(e)) => Err(deny::describe(&e)),
+            Ok(Err(e)) => Err(ProbeError::Kube(e)),
         }
     }
 
@@ -152,7 +169,7 @@ impl Reviewer {
             return self.ask(token, source).await;
         };
         let key: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
-        let m = metrics::global();
+        let m = &self.metrics;
         if let Some(answer) = cache.get(&key).await {
             m.cache_hits.get_or_create(&VALIDATION).inc();
             return answer.map(|r| Validated {
@@ -161,7 +178,7 @@ impl Reviewer {
             });
         }
         m.cache_misses.get_or_create(&VALIDATION).inc();
-        let answer = cache
+        cache
             .try_get_with(key, async {
                 match self.ask(token, source).await {
                     Ok(review) => Ok(Ok(review)),
@@ -174,8 +191,7 @@ impl Reviewer {
                 }
             })
             .await
-            .map_err(|shared| (*shared).clone())?;
-        answer
+            .map_err(|shared| (*shared).clone())?
     }
 
     async fn ask(&self, token: &BearerToken, source: Option<IpAddr>) -> Result<Validated, Denial> {
@@ -187,13 +203,10 @@ impl Reviewer {
             } else {
                 ""
             };
-            Denial {
-                reason: DenyReason::Throttled(1),
-                detail: Some(format!(
+            DenyReason::Throttled(1).because(format!(
                     "--review-max-in-flight TokenReviews in flight for cluster {:?} for {TURN_WAIT:?}{whose}",
                     &*self.cluster
-                )),
-            }
+                ))
         })?;
         let started = std::time::Instant::now();
         let request = TokenReview {
@@ -204,15 +217,14 @@ impl Reviewer {
             ..Default::default()
         };
         let response = self.api.create(&PostParams::default(), &request).await;
-        metrics::global().kube_call(
+        self.metrics.kube_call(
             &self.cluster,
             "tokenreview",
             metrics::code_of(&response, "201"),
             started.elapsed(),
         );
-        let response = response.map_err(|e| Denial {
-            reason: deny::classify(&e, Side::Workload, None, None),
-            detail: Some(deny::describe(&e)),
+        let response = response.map_err(|e| {
+            deny::classify(&e, Side::Workload, None, None).because(deny::describe(&e))
         })?;
         let status = response.status.unwrap_or_default();
         // A real API server omits `authenticated` when it rejects a token.
@@ -227,25 +239,16 @@ impl Reviewer {
         if !self.audiences.is_empty() {
             let granted = status.audiences.unwrap_or_default();
             if !granted.iter().any(|a| self.audiences.contains(a)) {
-                return Err(Denial {
-                    reason: DenyReason::InvalidToken,
-                    detail: Some(format!(
-                        "TokenReview granted audiences {granted:?}, none of {:?}",
-                        self.audiences
-                    )),
-                });
+                return Err(DenyReason::InvalidToken.because(format!(
+                    "TokenReview granted audiences {granted:?}, none of {:?}",
+                    self.audiences
+                )));
             }
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        let service_account = ServiceAccountRef::from_username(&username).map_err(|e| Denial {
-            reason: match e {
-                IdentityError::NotServiceAccount => DenyReason::NotServiceAccount,
-                IdentityError::InvalidName => DenyReason::InvalidServiceAccountName,
-            },
-            // Usernames identify a principal, they are not credentials.
-            detail: Some(format!("user {username:?}")),
-        })?;
+        let service_account = ServiceAccountRef::from_username(&username)            // Usernames identify a principal, they are not credentials.
+            .map_err(|e| DenyReason::from(e).because(format!("user {username:?}")))?;
         Ok(Validated {
             identity: WorkloadIdentity {
                 service_account,

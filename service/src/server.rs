@@ -1,5 +1,6 @@
 //! Starting, health-reporting and draining the ext_authz server.
 
+use std::sync::Arc;
 use std::{net::SocketAddr, time::Duration};
 
 use tokensmith_proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -14,7 +15,8 @@ use crate::{
     consent::Consent,
     deny::{self, Side},
     exchange::{Exchanger, cache::CachedExchanger},
-    kube_client, listener, metrics,
+    kube_client, listener,
+    metrics::Metrics,
     ratelimit::RateLimiter,
     tls::{self, ReloadingTls},
     workload::Workloads,
@@ -48,15 +50,17 @@ pub struct Running {
 /// [`startup_check`]); checks are answered meanwhile (and fail with 503 if a cluster is
 /// really down). With `--clusters-config`, the file is reloaded while serving.
 pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
+    // One registry per process, as Prometheus expects; every stage counts into it.
+    let metrics = Arc::new(Metrics::new());
     let workloads = match &config.workloads {
         WorkloadsSource::Kubeconfig(single) => {
-            Workloads::single(single, config.kube, &config.companion_namespace).await?
+            Workloads::single(single, config.kube, &config.companion_namespace, &metrics).await?
         }
         WorkloadsSource::File {
             path,
             config: clusters,
         } => {
-            let workloads = Workloads::from_config(clusters, path, config.kube).await?;
+            let workloads = Workloads::from_config(clusters, path, config.kube, &metrics).await?;
             let names: Vec<&str> = clusters.clusters.iter().map(|c| c.name.as_str()).collect();
             info!(
                 path = %path.display(),
@@ -71,28 +75,31 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     let management =
         kube_client::client(Side::Management, &config.management, &config.kube).await?;
     let exchanger = CachedExchanger::new(
-        Exchanger::new(management.clone(), config.audiences.clone()),
+        Exchanger::new(
+            management.clone(),
+            config.audiences.clone(),
+            metrics.clone(),
+        ),
         config.cache_max_entries,
         config.kube_timeout,
-    );
-    let limiter = config
-        .rate_limit
-        .map(|(rate, burst)| RateLimiter::new(rate, burst));
-    let mut authorizer = Authorizer::new(
-        workloads.clone(),
-        exchanger,
-        limiter,
-        config.token_expiration,
-        config.kube_timeout,
-        config.kube.validation_cache_ttl,
+        metrics.clone(),
     );
     let consent = config
         .require_sa_label
         .clone()
-        .map(|label| Consent::watch(management.clone(), label));
-    if let Some(consent) = &consent {
-        authorizer = authorizer.with_consent(consent.clone());
-    }
+        .map(|label| Consent::watch(management.clone(), label, metrics.clone()));
+    let authorizer = Authorizer {
+        workloads: workloads.clone(),
+        exchanger,
+        limiter: config
+            .rate_limit
+            .map(|(rate, burst)| Arc::new(RateLimiter::new(rate, burst))),
+        consent: consent.clone(),
+        token_expiration: config.token_expiration,
+        kube_timeout: config.kube_timeout,
+        reuse: config.kube.validation_cache_ttl,
+        metrics: metrics.clone(),
+    };
     let tls = config.tls.clone().map(ReloadingTls::new).transpose()?;
 
     let listener = TcpListener::bind(config.listen)
@@ -112,8 +119,7 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         ready: admin::Readiness::default(),
     };
     health.set(ServingStatus::NotServing).await;
-    let metrics_addr =
-        admin::serve(config.metrics_addr, metrics::global(), health.ready.clone()).await?;
+    let metrics_addr = admin::serve(config.metrics_addr, metrics, health.ready.clone()).await?;
     let startup = tokio::spawn(startup_check(
         management,
         consent,
@@ -282,12 +288,13 @@ async fn startup_check(
                 Err(detail) if workload.uses_token_review() => warn!(
                     cluster = "workload",
                     workload_cluster = &**workload.name(),
-                    detail,
+                    detail = %detail,
                     "API server not reachable yet"
                 ),
                 Err(detail) => debug!(
                     workload_cluster = &**workload.name(),
-                    detail, "workload cluster not ready yet"
+                    detail = %detail,
+                    "workload cluster not ready yet"
                 ),
             }
         }

@@ -24,8 +24,9 @@ use crate::{
     identity::{Validated, WorkloadIdentity},
     jwks::{JwksValidator, KeySource, verify},
     kube_client::{self, ClusterSource, KubeSettings},
+    metrics::Metrics,
     namespaces::NamespacePolicy,
-    review::{Reviewer, turns::Turns},
+    review::{ProbeError, Reviewer, turns::Turns},
     secret::BearerToken,
 };
 
@@ -88,17 +89,11 @@ impl ExpectedIssuer {
         };
         match verify::unverified_issuer(token.expose()) {
             Some(iss) if iss == *expected || iss == verify::LEGACY_ISSUER => Ok(()),
-            Some(_) => Err(Denial {
-                reason: DenyReason::UnknownIssuer,
-                detail: Some(
-                    "iss is not the workload cluster's issuer (--workload-issuer)".to_owned(),
-                ),
-            }),
+            Some(_) => Err(DenyReason::UnknownIssuer.because(
+                "iss is not the workload cluster's issuer (--workload-issuer)".to_owned(),
+            )),
             // Not a JWT at all: that is a bad token, not a stranger's.
-            None => Err(Denial {
-                reason: DenyReason::InvalidToken,
-                detail: Some("no iss claim (not a JWT?)".to_owned()),
-            }),
+            None => Err(DenyReason::InvalidToken.because("no iss claim (not a JWT?)")),
         }
     }
 }
@@ -140,29 +135,35 @@ impl WorkloadCluster {
             return Ok(());
         };
         let namespace = identity.service_account.namespace();
-        policy.admits(namespace).map_err(|why| Denial {
-            reason: DenyReason::NamespaceNotAllowed,
-            detail: Some(format!("namespace {namespace:?}: {why}")),
+        policy.admits(namespace).map_err(|why| {
+            DenyReason::NamespaceNotAllowed.because(format!("namespace {namespace:?}: {why}"))
         })
     }
 
     /// Whether the cluster can validate tokens now: a TokenReview cluster's API server
     /// answers, a JWKS cluster has keys. `Err` says why not.
-    pub async fn ready(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn ready(&self, timeout: Duration) -> Result<(), NotReady> {
         match &self.validator {
             Validator::TokenReview(reviewer) => {
-                reviewer.reachable(timeout).await?;
+                reviewer
+                    .reachable(timeout)
+                    .await
+                    .map_err(NotReady::Unreachable)?;
                 self.discover_issuer(reviewer, timeout).await
             }
             Validator::Jwks(jwks) if jwks.has_keys() => Ok(()),
-            Validator::Jwks(_) => Err("no JWKS keys loaded yet".to_owned()),
+            Validator::Jwks(_) => Err(NotReady::NoKeys),
         }
     }
 
     /// With `--workload-issuer` empty, asks the API server for its issuer until it gives a
     /// definite answer: the issuer, or that it has none to tell (then tokens of any
     /// issuer are reviewed, as with `*`).
-    async fn discover_issuer(&self, reviewer: &Reviewer, timeout: Duration) -> Result<(), String> {
+    async fn discover_issuer(
+        &self,
+        reviewer: &Reviewer,
+        timeout: Duration,
+    ) -> Result<(), NotReady> {
         let expected = &self.expected_issuer;
         if !expected.discover.load(Ordering::Relaxed) {
             return Ok(());
@@ -181,7 +182,7 @@ impl WorkloadCluster {
                 "the workload API server announces no issuer (OIDC discovery off?); every \
                  token costs a TokenReview: set --workload-issuer"
             ),
-            Err(detail) => return Err(format!("issuer discovery: {detail}")),
+            Err(e) => return Err(NotReady::Discovery(e)),
         }
         expected.discover.store(false, Ordering::Relaxed);
         Ok(())
@@ -191,6 +192,20 @@ impl WorkloadCluster {
     pub fn uses_token_review(&self) -> bool {
         matches!(self.validator, Validator::TokenReview(_))
     }
+}
+
+/// Why a workload cluster cannot validate tokens yet.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// Its API server does not answer.
+    #[error("{0}")]
+    Unreachable(ProbeError),
+    /// Its API server did not say which issuer it has.
+    #[error("issuer discovery: {0}")]
+    Discovery(ProbeError),
+    /// No keys fetched yet.
+    #[error("no JWKS keys loaded yet")]
+    NoKeys,
 }
 
 /// The clusters in force: either the one `--workload-kubeconfig` cluster, which gets every
@@ -206,10 +221,7 @@ impl WorkloadSet {
     /// The cluster `token` belongs to, by its unverified `iss` (checked again, with the
     /// signature, by JWKS validation). With `--workload-kubeconfig` alone, that cluster.
     pub fn select(&self, token: &BearerToken) -> Result<Arc<WorkloadCluster>, Denial> {
-        let unknown = |detail: String| Denial {
-            reason: DenyReason::UnknownIssuer,
-            detail: Some(detail),
-        };
+        let unknown = |detail: String| DenyReason::UnknownIssuer.because(detail);
         if self.single
             && let Some(only) = self.clusters.first()
         {
@@ -247,6 +259,7 @@ pub struct Workloads {
     current: Arc<RwLock<Arc<WorkloadSet>>>,
     loaded: Arc<Notify>,
     settings: KubeSettings,
+    metrics: Arc<Metrics>,
 }
 
 impl Workloads {
@@ -258,6 +271,7 @@ impl Workloads {
         single: &SingleCluster,
         settings: KubeSettings,
         companion_namespace: &str,
+        metrics: &Arc<Metrics>,
     ) -> Result<Self, Error> {
         let client = kube_client::client(Side::Workload, &single.source, &settings).await?;
         let only = Arc::new(WorkloadCluster {
@@ -280,6 +294,7 @@ impl Workloads {
                     settings.review_max_in_flight,
                     settings.review_max_in_flight_per_source,
                 ),
+                metrics.clone(),
             ))),
             jwks_source: None,
         });
@@ -293,6 +308,7 @@ impl Workloads {
             current: Arc::new(RwLock::new(Arc::new(set))),
             loaded: Arc::new(Notify::new()),
             settings,
+            metrics: metrics.clone(),
         })
     }
 
@@ -301,13 +317,21 @@ impl Workloads {
         config: &ClustersConfig,
         path: &Path,
         settings: KubeSettings,
+        metrics: &Arc<Metrics>,
     ) -> Result<Self, Error> {
         let loaded = Arc::new(Notify::new());
-        let set = build(config, path, settings, &loaded, None).await?;
+        let inputs = Inputs {
+            path,
+            settings,
+            metrics,
+            loaded: &loaded,
+        };
+        let set = build(config, inputs, None).await?;
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(set))),
             loaded,
             settings,
+            metrics: metrics.clone(),
         })
     }
 
@@ -316,7 +340,13 @@ impl Workloads {
     /// flight finish with the set they started with. Returns the new generation.
     pub async fn replace(&self, config: &ClustersConfig, path: &Path) -> Result<u64, Error> {
         let previous = self.current();
-        let set = build(config, path, self.settings, &self.loaded, Some(&previous)).await?;
+        let inputs = Inputs {
+            path,
+            settings: self.settings,
+            metrics: &self.metrics,
+            loaded: &self.loaded,
+        };
+        let set = build(config, inputs, Some(&previous)).await?;
         let generation = set.generation;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
         Ok(generation)
@@ -336,11 +366,19 @@ impl Workloads {
     }
 }
 
+/// What building a cluster takes besides its entry.
+struct Inputs<'a> {
+    /// The clusters file, for error messages.
+    path: &'a Path,
+    settings: KubeSettings,
+    metrics: &'a Arc<Metrics>,
+    /// Notified when a JWKS cluster loads its first keys.
+    loaded: &'a Arc<Notify>,
+}
+
 async fn build(
     config: &ClustersConfig,
-    path: &Path,
-    settings: KubeSettings,
-    loaded: &Arc<Notify>,
+    inputs: Inputs<'_>,
     previous: Option<&WorkloadSet>,
 ) -> Result<WorkloadSet, Error> {
     let mut clusters = Vec::with_capacity(config.clusters.len());
@@ -353,7 +391,7 @@ async fn build(
                         if old.jwks_source.as_ref() == Some(source))
             })
         });
-        let cluster = cluster(spec, path, settings, loaded, reusable.map(|c| &c.validator)).await?;
+        let cluster = cluster(spec, &inputs, reusable.map(|c| &c.validator)).await?;
         clusters.push(Arc::new(cluster));
     }
     let by_issuer = clusters
@@ -370,13 +408,12 @@ async fn build(
 
 async fn cluster(
     spec: &ClusterSpec,
-    path: &Path,
-    settings: KubeSettings,
-    loaded: &Arc<Notify>,
+    inputs: &Inputs<'_>,
     reuse: Option<&Validator>,
 ) -> Result<WorkloadCluster, Error> {
+    let settings = inputs.settings;
     let problem = |field: &str, e: &dyn std::fmt::Display| Error::ClustersConfig {
-        path: path.to_owned(),
+        path: inputs.path.to_owned(),
         problem: format!("cluster {:?}: {field}: {e}", spec.name),
     };
     let (validator, leeway, jwks_source) = match &spec.method {
@@ -394,6 +431,7 @@ async fn cluster(
                     settings.review_max_in_flight,
                     settings.review_max_in_flight_per_source,
                 ),
+                inputs.metrics.clone(),
             );
             (
                 Validator::TokenReview(Box::new(reviewer)),
@@ -405,8 +443,14 @@ async fn cluster(
             let validator = match reuse {
                 Some(existing) => existing.clone(),
                 None => Validator::Jwks(
-                    JwksValidator::new(&spec.name, &spec.issuer, source, loaded.clone())
-                        .map_err(|e| problem("jwks", &e))?,
+                    JwksValidator::new(
+                        &spec.name,
+                        &spec.issuer,
+                        source,
+                        inputs.loaded.clone(),
+                        inputs.metrics.clone(),
+                    )
+                    .map_err(|e| problem("jwks", &e))?,
                 ),
             };
             (validator, *leeway, Some(source.clone()))
@@ -464,6 +508,7 @@ mod tests {
             &config(&["east", "west"]),
             Path::new("c.yaml"),
             crate::kube_client::KubeSettings::with_timeout(Duration::from_secs(1)),
+            &Arc::default(),
         )
         .await
         .unwrap();
@@ -501,6 +546,7 @@ mod tests {
             &config(&["east", "west"]),
             path,
             crate::kube_client::KubeSettings::with_timeout(Duration::from_secs(1)),
+            &Arc::default(),
         )
         .await
         .unwrap();
@@ -555,6 +601,7 @@ mod tests {
                         Method::TokenReview { .. } => panic!("jwks expected"),
                     },
                     Arc::new(Notify::new()),
+                    Arc::default(),
                 )
                 .unwrap(),
             ),

@@ -38,8 +38,12 @@ fn parse_ok(text: &str) -> ClustersConfig {
     parse(text, Path::new("/nonexistent"), "tokensmith-system").unwrap()
 }
 
+/// The error of parsing `text` and reading the files it names.
 fn error(text: &str) -> String {
-    parse(text, Path::new("/nonexistent"), "tokensmith-system").unwrap_err()
+    parse(text, Path::new("/nonexistent"), "tokensmith-system")
+        .and_then(read_named_files)
+        .unwrap_err()
+        .to_string()
 }
 
 fn entry(fields: &str) -> String {
@@ -137,11 +141,27 @@ fn relative_files_resolve_next_to_the_config_and_are_tracked() {
     )
     .unwrap();
     let text = "clusters:\n- name: east\n  issuer: https://east.example\n  jwks_uri: https://east.example/keys\n  ca_file: ca.pem\n- name: west\n  issuer: https://west.example\n  tokenreview: {kubeconfig: kubeconfig}\n";
-    let config = parse(text, dir.path(), "ops").unwrap();
+    let parsed = parse(text, dir.path(), "ops").unwrap();
     assert_eq!(
-        config.files,
+        parsed.file_paths(),
         [dir.path().join("ca.pem"), dir.path().join("kubeconfig")]
     );
+    let Method::Jwks {
+        source: KeySource::Remote { ca_pem: None, .. },
+        ..
+    } = &parsed.clusters[0].method
+    else {
+        panic!("parsing reads no file");
+    };
+    let config = read_named_files(parsed).unwrap();
+    let Method::Jwks {
+        source: KeySource::Remote { ca_pem, .. },
+        ..
+    } = &config.clusters[0].method
+    else {
+        panic!("not remote keys");
+    };
+    assert_eq!(ca_pem.as_deref(), Some(ca.as_bytes()));
     assert_eq!(
         config.clusters[1].method,
         Method::TokenReview {

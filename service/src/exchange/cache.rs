@@ -13,7 +13,7 @@ use super::Exchanger;
 use crate::{
     deny::Denial,
     identity::ServiceAccountRef,
-    metrics::{self, CacheLabels},
+    metrics::{CacheLabels, Metrics},
     secret::ExchangedToken,
 };
 
@@ -109,6 +109,7 @@ pub struct CachedExchanger {
     refreshing: Arc<Mutex<HashSet<ExchangeKey>>>,
     refresh_timeout: Duration,
     enabled: bool,
+    metrics: Arc<Metrics>,
 }
 
 const LABELS: CacheLabels = CacheLabels { cache: "exchange" };
@@ -116,11 +117,13 @@ const LABELS: CacheLabels = CacheLabels { cache: "exchange" };
 impl CachedExchanger {
     /// Caches at most `max_entries` tokens (0: no caching, every call exchanges);
     /// background refreshes get `refresh_timeout`.
-    pub fn new(inner: Exchanger, max_entries: u64, refresh_timeout: Duration) -> Self {
-        let evictions = metrics::global()
-            .cache_evictions
-            .get_or_create(&LABELS)
-            .clone();
+    pub fn new(
+        inner: Exchanger,
+        max_entries: u64,
+        refresh_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let evictions = metrics.cache_evictions.get_or_create(&LABELS).clone();
         let cache = moka::future::Cache::builder()
             .max_capacity(max_entries)
             .expire_after(ServeUntil)
@@ -136,6 +139,7 @@ impl CachedExchanger {
             refreshing: Arc::default(),
             refresh_timeout,
             enabled: max_entries > 0,
+            metrics,
         }
     }
 
@@ -159,7 +163,7 @@ impl CachedExchanger {
         let latest_allowed = now + lifetime + LIFETIME_SLACK;
         if let Some(cached) = self.cache.get(&key).await {
             if now < cached.serve_until && cached.token.expires_at <= latest_allowed {
-                metrics::global().cache_hits.get_or_create(&LABELS).inc();
+                self.metrics.cache_hits.get_or_create(&LABELS).inc();
                 if now >= cached.refresh_from {
                     self.refresh_in_background(key, lifetime);
                 }
@@ -171,7 +175,7 @@ impl CachedExchanger {
             // Stale, or would outlive this workload token: exchange afresh.
             self.cache.invalidate(&key).await;
         }
-        metrics::global().cache_misses.get_or_create(&LABELS).inc();
+        self.metrics.cache_misses.get_or_create(&LABELS).inc();
         let inner = self.inner.clone();
         let sa = key.service_account.clone();
         let cached = self

@@ -20,7 +20,8 @@ use rustls::{
 };
 use serde_json::Value;
 
-use super::keys::KeySet;
+use super::keys::{KeyError, KeySet};
+use crate::error_chain;
 
 /// Longest a fetch (connect, TLS, request, body) may take. A check waits for an
 /// on-demand fetch only until its own deadline; the fetch goes on for later checks.
@@ -38,17 +39,119 @@ pub enum Endpoint {
     Discovery,
 }
 
+/// Why a fetcher could not be built or a fetch brought no key set. No credentials are
+/// sent, so messages hold URLs, status codes and transport causes, never a token.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The CA file does not parse as PEM.
+    #[error("not PEM: {source}")]
+    NotPem {
+        /// The PEM parser's reason.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate in the CA file cannot be a trust anchor.
+    #[error("unusable certificate: {source}")]
+    UnusableCertificate {
+        /// rustls's reason.
+        source: rustls::Error,
+    },
+    /// The CA file holds no certificate.
+    #[error("no PEM certificate in it")]
+    NoCertificate,
+    /// The TLS client configuration could not be built.
+    #[error("TLS configuration: {source}")]
+    Tls {
+        /// rustls's reason.
+        source: rustls::Error,
+    },
+    /// Without `ca_file` we need the system's roots, and there are none.
+    #[error("no system CA certificates ({source}); set ca_file")]
+    NoSystemRoots {
+        /// Why loading them failed.
+        source: std::io::Error,
+    },
+    /// `url` does not make a request.
+    #[error("{url}: {source}")]
+    Request {
+        /// The address.
+        url: String,
+        /// Why the request could not be built.
+        source: http::Error,
+    },
+    /// Connecting, TLS or sending failed.
+    // The message walks the causes: hyper's own text alone says little.
+    #[error("{url}: {}", error_chain::describe(source))]
+    Transport {
+        /// The address.
+        url: String,
+        /// The client's error.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The server answered with a status other than 2xx.
+    #[error("{url}: HTTP {status}")]
+    Http {
+        /// The address.
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The body could not be read, or is over [`MAX_BODY_BYTES`].
+    #[error("{url}: reading the body: {source}")]
+    Body {
+        /// The address.
+        url: String,
+        /// The body's or the limit's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The body is not JSON.
+    #[error("{url}: body is not JSON")]
+    NotJson {
+        /// The address.
+        url: String,
+    },
+    /// No complete answer within [`FETCH_TIMEOUT`].
+    #[error("{url}: no answer within {after:?}")]
+    Timeout {
+        /// The address.
+        url: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The discovery document is about another issuer (OIDC Discovery §4.3).
+    #[error("{url}: issuer does not match {issuer:?}")]
+    IssuerMismatch {
+        /// The discovery document's address.
+        url: String,
+        /// The issuer we asked about.
+        issuer: String,
+    },
+    /// The discovery document has no `jwks_uri`, or not an `https://` one.
+    #[error("{url}: no https jwks_uri")]
+    NoJwksUri {
+        /// The discovery document's address.
+        url: String,
+    },
+    /// The key set was fetched but is not usable.
+    #[error("{url}: {source}")]
+    Keys {
+        /// The `jwks_uri`.
+        url: String,
+        /// What is wrong with the set.
+        source: KeyError,
+    },
+}
+
 /// Reads PEM certificates into a root store; at least one is required.
-pub fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
+pub fn roots(pem: &[u8]) -> Result<RootCertStore, FetchError> {
     let mut store = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
+        let cert = cert.map_err(|source| FetchError::NotPem { source })?;
         store
             .add(cert)
-            .map_err(|e| format!("unusable certificate: {e}"))?;
+            .map_err(|source| FetchError::UnusableCertificate { source })?;
     }
     if store.is_empty() {
-        return Err("no PEM certificate in it".to_owned());
+        return Err(FetchError::NoCertificate);
     }
     Ok(store)
 }
@@ -79,20 +182,24 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// A fetcher trusting `ca_pem` alone when given, else the system's roots.
-    pub fn new(issuer: &str, endpoint: Endpoint, ca_pem: Option<&[u8]>) -> Result<Self, String> {
+    pub fn new(
+        issuer: &str,
+        endpoint: Endpoint,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, FetchError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = match ca_pem {
             Some(pem) => {
                 let config = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("TLS configuration: {e}"))?
+                    .map_err(|source| FetchError::Tls { source })?
                     .with_root_certificates(roots(pem)?)
                     .with_no_client_auth();
                 HttpsConnectorBuilder::new().with_tls_config(config)
             }
             None => HttpsConnectorBuilder::new()
                 .with_provider_and_native_roots(provider)
-                .map_err(|e| format!("no system CA certificates ({e}); set ca_file"))?,
+                .map_err(|source| FetchError::NoSystemRoots { source })?,
         };
         let connector = builder.https_only().enable_http1().build();
         Ok(Fetcher {
@@ -104,7 +211,7 @@ impl Fetcher {
     }
 
     /// Fetches and parses the key set. Errors are log-safe descriptions.
-    pub async fn fetch(&self) -> Result<KeySet, String> {
+    pub async fn fetch(&self) -> Result<KeySet, FetchError> {
         let uri = self.jwks_uri().await?;
         let document = self.get_json(&uri).await.inspect_err(|_| {
             // The discovered address may be what changed: ask again next time.
@@ -113,10 +220,10 @@ impl Fetcher {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = None;
         })?;
-        KeySet::from_json(&document).map_err(|e| format!("{uri}: {e}"))
+        KeySet::from_json(&document).map_err(|source| FetchError::Keys { url: uri, source })
     }
 
-    async fn jwks_uri(&self) -> Result<String, String> {
+    async fn jwks_uri(&self) -> Result<String, FetchError> {
         match &self.endpoint {
             Endpoint::Uri(uri) => Ok(uri.clone()),
             Endpoint::Discovery => {
@@ -132,13 +239,16 @@ impl Fetcher {
                 let document = self.get_json(&url).await?;
                 // OIDC Discovery §4.3: the document must be about the issuer we asked for.
                 if document.get("issuer").and_then(Value::as_str) != Some(self.issuer.as_str()) {
-                    return Err(format!("{url}: issuer does not match {:?}", self.issuer));
+                    return Err(FetchError::IssuerMismatch {
+                        url,
+                        issuer: self.issuer.clone(),
+                    });
                 }
                 let uri = document
                     .get("jwks_uri")
                     .and_then(Value::as_str)
                     .filter(|u| is_https_url(u))
-                    .ok_or_else(|| format!("{url}: no https jwks_uri"))?
+                    .ok_or_else(|| FetchError::NoJwksUri { url: url.clone() })?
                     .to_owned();
                 *self
                     .discovered
@@ -149,45 +259,41 @@ impl Fetcher {
         }
     }
 
-    async fn get_json(&self, url: &str) -> Result<Value, String> {
+    async fn get_json(&self, url: &str) -> Result<Value, FetchError> {
+        let at = || url.to_owned();
         let request = http::Request::get(url)
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|source| FetchError::Request { url: at(), source })?;
         let exchange = async {
             let response = self
                 .client
                 .request(request)
                 .await
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|source| FetchError::Transport { url: at(), source })?;
             let status = response.status();
             if !status.is_success() {
-                return Err(format!("HTTP {}", status.as_u16()));
+                return Err(FetchError::Http {
+                    url: at(),
+                    status: status.as_u16(),
+                });
             }
             let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the body: {e}"))?
+                .map_err(|source| FetchError::Body { url: at(), source })?
                 .to_bytes();
-            serde_json::from_slice::<Value>(&body).map_err(|_| "body is not JSON".to_owned())
+            serde_json::from_slice::<Value>(&body).map_err(|_| FetchError::NotJson { url: at() })
         };
-        match tokio::time::timeout(FETCH_TIMEOUT, exchange).await {
-            Ok(result) => result.map_err(|e| format!("{url}: {e}")),
-            Err(_) => Err(format!("{url}: no answer within {FETCH_TIMEOUT:?}")),
-        }
+        tokio::time::timeout(FETCH_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetchError::Timeout {
+                    url: at(),
+                    after: FETCH_TIMEOUT,
+                })
+            })
     }
-}
-
-/// An error with its causes, `a: b: c` (hyper's own message alone says little).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -217,6 +323,9 @@ mod tests {
 
     #[test]
     fn a_ca_file_without_certificates_is_refused() {
-        assert_eq!(roots(b"hello").unwrap_err(), "no PEM certificate in it");
+        assert_eq!(
+            roots(b"hello").unwrap_err().to_string(),
+            "no PEM certificate in it"
+        );
     }
 }

@@ -84,6 +84,105 @@ pub enum Selection<'a> {
     Mismatch,
 }
 
+/// Why a key set, or one entry of it, is not usable. Entry errors end up in
+/// [`KeySet::skipped`]; only the set-level ones are returned by [`KeySet::from_json`].
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The document has no `keys` array.
+    #[error("not a JWK set: no \"keys\" array")]
+    NotASet,
+    /// More entries than [`MAX_KEYS`].
+    #[error("{count} keys; at most {MAX_KEYS} are accepted")]
+    TooMany {
+        /// Entries in the document.
+        count: usize,
+    },
+    /// Every entry was skipped (or there were none).
+    #[error("no usable signing key: {}", skipped_detail(skipped))]
+    NoUsableKey {
+        /// Why each entry was left out, as in [`KeySet::skipped`].
+        skipped: Vec<String>,
+    },
+    /// A required member is absent or not a string.
+    #[error("{field} missing")]
+    Missing {
+        /// The JWK member, e.g. `n`.
+        field: &'static str,
+    },
+    /// An optional member is present but not a string.
+    #[error("{field} is not a string")]
+    NotAString {
+        /// The JWK member, `kid` or `alg`.
+        field: &'static str,
+    },
+    /// A key or coordinate member does not decode.
+    #[error("{field} is not base64url")]
+    NotBase64Url {
+        /// The JWK member, e.g. `x`.
+        field: &'static str,
+    },
+    /// `use` says the key is not for signatures.
+    #[error("use {usage} is not \"sig\"")]
+    NotForSignatures {
+        /// The `use` value, as JSON.
+        usage: Value,
+    },
+    /// `key_ops` is given and lacks `verify`.
+    #[error("key_ops does not include \"verify\"")]
+    NotForVerifying,
+    /// A `kty` other than `RSA` or `EC`.
+    #[error("kty {kty:?} is not RSA or EC")]
+    UnknownKeyType {
+        /// The `kty` value.
+        kty: String,
+    },
+    /// An EC curve other than P-256 or P-384.
+    #[error("curve {curve:?} is not P-256 or P-384")]
+    UnknownCurve {
+        /// The `crv` value.
+        curve: String,
+    },
+    /// An RSA modulus under 2048 bits.
+    #[error("RSA modulus of {bits} bits; at least {MIN_RSA_BITS}")]
+    WeakRsa {
+        /// The modulus size, leading zero bytes not counted.
+        bits: usize,
+    },
+    /// `x` or `y` longer than the curve's field.
+    #[error("coordinates too long for the curve")]
+    CoordinatesTooLong,
+    /// jsonwebtoken refused the key material.
+    #[error("unusable {kty} key: {source}")]
+    Unusable {
+        /// `RSA` or `EC`.
+        kty: String,
+        /// jsonwebtoken's reason.
+        source: jsonwebtoken::errors::Error,
+    },
+    /// The JWK's `alg` is not one of [`ALLOWED_ALGORITHMS`].
+    #[error("alg {alg:?} is not an allowed algorithm")]
+    AlgorithmNotAllowed {
+        /// The `alg` value.
+        alg: String,
+    },
+    /// The JWK's `alg` is allowed but not for this key type.
+    #[error("alg {alg:?} does not fit a {kty} key")]
+    AlgorithmMismatch {
+        /// The `alg` value.
+        alg: String,
+        /// `RSA` or `EC`.
+        kty: String,
+    },
+}
+
+fn skipped_detail(skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        "the set is empty".to_owned()
+    } else {
+        skipped.join("; ")
+    }
+}
+
 /// Most keys tried for a token without a `kid`: each try is a signature check.
 const MAX_TRIES_WITHOUT_KID: usize = 8;
 
@@ -106,16 +205,15 @@ impl KeySet {
     /// keys (`use` other than `sig`, `oct`/`OKP` keys, unknown curves, RSA under 2048
     /// bits, an `alg` we don't allow or that doesn't fit the key) are left out and listed
     /// in [`KeySet::skipped`]. A set with no usable key is an error.
-    pub fn from_json(document: &Value) -> Result<KeySet, String> {
+    pub fn from_json(document: &Value) -> Result<KeySet, KeyError> {
         let entries = document
             .get("keys")
             .and_then(Value::as_array)
-            .ok_or("not a JWK set: no \"keys\" array")?;
+            .ok_or(KeyError::NotASet)?;
         if entries.len() > MAX_KEYS {
-            return Err(format!(
-                "{} keys; at most {MAX_KEYS} are accepted",
-                entries.len()
-            ));
+            return Err(KeyError::TooMany {
+                count: entries.len(),
+            });
         }
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
@@ -129,12 +227,7 @@ impl KeySet {
             }
         }
         if keys.is_empty() {
-            let detail = if skipped.is_empty() {
-                "the set is empty".to_owned()
-            } else {
-                skipped.join("; ")
-            };
-            return Err(format!("no usable signing key: {detail}"));
+            return Err(KeyError::NoUsableKey { skipped });
         }
         Ok(KeySet {
             keys,
@@ -193,46 +286,49 @@ impl KeySet {
     }
 }
 
-fn text<'a>(entry: &'a Value, field: &str) -> Result<&'a str, String> {
+fn text<'a>(entry: &'a Value, field: &'static str) -> Result<&'a str, KeyError> {
     entry
         .get(field)
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("{field} missing"))
+        .ok_or(KeyError::Missing { field })
 }
 
-fn decoded_len(field: &str, value: &str) -> Result<usize, String> {
+fn decoded_len(field: &'static str, value: &str) -> Result<usize, KeyError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(value.trim_end_matches('='))
         .map(|bytes| bytes.iter().skip_while(|b| **b == 0).count())
-        .map_err(|_| format!("{field} is not base64url"))
+        .map_err(|_| KeyError::NotBase64Url { field })
 }
 
-fn parse_key(entry: &Value) -> Result<VerifyingKey, String> {
+fn parse_key(entry: &Value) -> Result<VerifyingKey, KeyError> {
     if let Some(usage) = entry.get("use")
         && usage.as_str() != Some("sig")
     {
-        return Err(format!("use {usage} is not \"sig\""));
+        return Err(KeyError::NotForSignatures {
+            usage: usage.clone(),
+        });
     }
     if let Some(ops) = entry.get("key_ops").and_then(Value::as_array)
         && !ops.iter().any(|op| op.as_str() == Some("verify"))
     {
-        return Err("key_ops does not include \"verify\"".to_owned());
+        return Err(KeyError::NotForVerifying);
     }
     let kid = match entry.get("kid") {
         None => None,
         Some(Value::String(kid)) => Some(kid.clone()),
-        Some(_) => return Err("kid is not a string".to_owned()),
+        Some(_) => return Err(KeyError::NotAString { field: "kid" }),
     };
     let kty = text(entry, "kty")?;
-    let bad = |e: jsonwebtoken::errors::Error| format!("unusable {kty} key: {e}");
+    let bad = |source| KeyError::Unusable {
+        kty: kty.to_owned(),
+        source,
+    };
     let (kind, key) = match kty {
         "RSA" => {
             let (n, e) = (text(entry, "n")?, text(entry, "e")?);
             let bits = decoded_len("n", n)? * 8;
             if bits < MIN_RSA_BITS {
-                return Err(format!(
-                    "RSA modulus of {bits} bits; at least {MIN_RSA_BITS}"
-                ));
+                return Err(KeyError::WeakRsa { bits });
             }
             decoded_len("e", e)?;
             (
@@ -244,28 +340,39 @@ fn parse_key(entry: &Value) -> Result<VerifyingKey, String> {
             let (kind, size) = match text(entry, "crv")? {
                 "P-256" => (KeyKind::P256, 32),
                 "P-384" => (KeyKind::P384, 48),
-                other => return Err(format!("curve {other:?} is not P-256 or P-384")),
+                other => {
+                    return Err(KeyError::UnknownCurve {
+                        curve: other.to_owned(),
+                    });
+                }
             };
             let (x, y) = (text(entry, "x")?, text(entry, "y")?);
             // Leading zero bytes are not counted by `decoded_len`, so allow shorter.
             if decoded_len("x", x)? > size || decoded_len("y", y)? > size {
-                return Err("coordinates too long for the curve".to_owned());
+                return Err(KeyError::CoordinatesTooLong);
             }
             (kind, DecodingKey::from_ec_components(x, y).map_err(bad)?)
         }
-        other => return Err(format!("kty {other:?} is not RSA or EC")),
+        other => {
+            return Err(KeyError::UnknownKeyType {
+                kty: other.to_owned(),
+            });
+        }
     };
     let alg = match entry.get("alg") {
         None => None,
         Some(Value::String(name)) => {
             let alg = allowed_algorithm(name)
-                .ok_or_else(|| format!("alg {name:?} is not an allowed algorithm"))?;
+                .ok_or_else(|| KeyError::AlgorithmNotAllowed { alg: name.clone() })?;
             if !kind.fits(alg) {
-                return Err(format!("alg {name:?} does not fit a {kty} key"));
+                return Err(KeyError::AlgorithmMismatch {
+                    alg: name.clone(),
+                    kty: kty.to_owned(),
+                });
             }
             Some(alg)
         }
-        Some(_) => return Err("alg is not a string".to_owned()),
+        Some(_) => return Err(KeyError::NotAString { field: "alg" }),
     };
     Ok(VerifyingKey {
         kid,
@@ -348,25 +455,60 @@ mod tests {
     }
 
     #[test]
+    fn each_entry_error_names_the_member_and_the_value() {
+        let with = |mut entry: Value, field: &str, value: Value| {
+            entry[field] = value;
+            entry
+        };
+        let cases = [
+            (json!({}), "kty missing"),
+            (json!({"kty": "RSA", "e": "AQAB"}), "n missing"),
+            (with(rsa("r"), "n", json!("!!")), "n is not base64url"),
+            (with(rsa("r"), "kid", json!(7)), "kid is not a string"),
+            (with(rsa("r"), "alg", json!(7)), "alg is not a string"),
+            (with(rsa("r"), "use", json!(1)), "use 1 is not \"sig\""),
+            (
+                with(rsa("r"), "key_ops", json!(["sign"])),
+                "key_ops does not include \"verify\"",
+            ),
+            (
+                with(rsa("r"), "alg", json!("HS256")),
+                "alg \"HS256\" is not an allowed algorithm",
+            ),
+            (
+                with(ec("e", "P-256", 32), "x", json!("B".repeat(44))),
+                "coordinates too long for the curve",
+            ),
+        ];
+        for (entry, expected) in cases {
+            assert_eq!(parse_key(&entry).unwrap_err().to_string(), expected);
+        }
+        // `decoded_len` allows padding; jsonwebtoken does not.
+        let padded = parse_key(&with(rsa("r"), "e", json!("AQAB=")));
+        assert!(
+            padded
+                .unwrap_err()
+                .to_string()
+                .starts_with("unusable RSA key: "),
+        );
+    }
+
+    #[test]
     fn a_set_without_usable_keys_is_an_error() {
+        let error = |document: Value| KeySet::from_json(&document).unwrap_err().to_string();
         assert_eq!(
-            KeySet::from_json(&json!({"keys": []})).unwrap_err(),
+            error(json!({"keys": []})),
             "no usable signing key: the set is empty"
         );
-        assert!(
-            KeySet::from_json(&json!({"keys": [{"kty": "oct", "k": "AA"}]}))
-                .unwrap_err()
-                .starts_with("no usable signing key: keys[0]")
-        );
         assert_eq!(
-            KeySet::from_json(&json!([])).unwrap_err(),
-            "not a JWK set: no \"keys\" array"
+            error(json!({"keys": [{"kty": "oct", "k": "AA"}]})),
+            "no usable signing key: keys[0] (kid \"\"): kty \"oct\" is not RSA or EC"
         );
+        assert_eq!(error(json!([])), "not a JWK set: no \"keys\" array");
         let many: Vec<Value> = (0..=MAX_KEYS).map(|i| rsa(&i.to_string())).collect();
-        assert!(
-            KeySet::from_json(&json!({ "keys": many }))
-                .unwrap_err()
-                .contains("at most 100")
+        assert_eq!(
+            error(json!({ "keys": many })),
+            "101 keys; at most 100 are accepted"
         );
     }
 

@@ -12,7 +12,7 @@ use super::keys::{VerifyingKey, allowed_algorithm};
 use crate::{
     bearer::MAX_TOKEN_BYTES,
     deny::{Denial, DenyReason},
-    identity::{IdentityError, ServiceAccountRef, Validated, WorkloadIdentity},
+    identity::{ServiceAccountRef, Validated, WorkloadIdentity},
 };
 
 /// What a cluster's configuration says a token must satisfy besides its signature.
@@ -39,10 +39,7 @@ pub struct Header {
 pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
 fn invalid(detail: impl Into<String>) -> Denial {
-    Denial {
-        reason: DenyReason::InvalidToken,
-        detail: Some(detail.into()),
-    }
+    DenyReason::InvalidToken.because(detail)
 }
 
 /// Decodes one base64url JWT segment as a JSON object, refusing anything else.
@@ -273,17 +270,9 @@ pub fn identity(claims: &Value, leeway: Duration, now: i64) -> Result<Validated,
     }
 
     let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
-    let service_account = ServiceAccountRef::from_username(sub).map_err(|e| match e {
-        // A subject names a principal; it is not a credential.
-        IdentityError::NotServiceAccount => Denial {
-            reason: DenyReason::NotServiceAccount,
-            detail: Some(format!("sub {sub:?}")),
-        },
-        IdentityError::InvalidName => Denial {
-            reason: DenyReason::InvalidServiceAccountName,
-            detail: Some(format!("sub {sub:?}")),
-        },
-    })?;
+    // A subject names a principal; it is not a credential.
+    let service_account = ServiceAccountRef::from_username(sub)
+        .map_err(|e| DenyReason::from(e).because(format!("sub {sub:?}")))?;
     if service_account.namespace() != namespace || service_account.name() != name {
         return Err(invalid("sub does not match the kubernetes.io claims"));
     }

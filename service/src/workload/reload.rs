@@ -62,7 +62,7 @@ pub async fn watch(
     workloads: Workloads,
     running: ClustersConfig,
 ) {
-    let mut seen = Snapshot::take(&path, &running.files);
+    let mut seen = Snapshot::take(&path, &running.file_paths());
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
         let now = Snapshot::take(&path, &seen.others());
@@ -82,7 +82,7 @@ pub async fn watch(
             }
         };
         // Track the files the new version names, as read for this load.
-        seen = settle(now, Snapshot::take(&path, &config.files));
+        seen = settle(now, Snapshot::take(&path, &config.file_paths()));
         match workloads.replace(&config, &path).await {
             Ok(generation) => {
                 let names: Vec<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();

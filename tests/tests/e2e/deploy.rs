@@ -1769,9 +1769,9 @@ fn the_namespace_enforces_pod_security_restricted_and_the_companion_complies() -
 /// Sample names the companion's families export (`_total` for counters, the histogram
 /// series), from its own registry.
 fn exported_metric_names() -> BTreeSet<String> {
-    use tokensmith_service::metrics::{CheckLabels, global};
+    use tokensmith_service::metrics::{CheckLabels, Metrics};
     // Labelled families show only once they have a series: give each one.
-    let metrics = global();
+    let metrics = Metrics::new();
     let _ = metrics.checks.get_or_create(&CheckLabels {
         decision: "deny",
         reason: "unavailable",

@@ -6,6 +6,7 @@ mod doctor;
 mod envoy;
 mod fake_apiserver;
 mod filter;
+mod inprocess;
 mod istio;
 mod jwks;
 mod kubectl;
