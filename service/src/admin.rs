@@ -21,12 +21,10 @@ use crate::{Error, metrics::Metrics};
 pub struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
-    /// Sets the state.
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Relaxed);
     }
 
-    /// Reads the state.
     pub fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }

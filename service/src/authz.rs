@@ -24,13 +24,13 @@ use crate::{
     deadline,
     exchange::{
         bounded_lifetime,
-        cache::{CachedExchanger, ExchangeKey},
+        cache::{CachedExchanger, ExchangeKey, Exchanged},
     },
-    identity::WorkloadIdentity,
+    identity::{Validated, WorkloadIdentity},
     metrics::{CheckLabels, Metrics},
     ratelimit::{Admission, RateLimiter},
     secret::ExchangedToken,
-    workload::Workloads,
+    workload::{WorkloadCluster, Workloads},
 };
 
 /// What `decide` concluded.
@@ -40,7 +40,6 @@ pub enum Outcome {
     Allowed {
         /// The configured name of the workload cluster that vouched for the token.
         workload_cluster: Arc<str>,
-        /// Who asked.
         identity: WorkloadIdentity,
         /// The exchanged token.
         token: ExchangedToken,
@@ -59,7 +58,6 @@ pub enum Outcome {
         workload_cluster: Option<Arc<str>>,
         /// Who asked, when known.
         identity: Option<WorkloadIdentity>,
-        /// Why not.
         denial: Denial,
     },
 }
@@ -100,12 +98,7 @@ impl Authorizer {
         let deadline = tokio::time::Instant::now() + budget;
         let token = match bearer::parse(authorization) {
             Ok(token) => token,
-            Err(bearer::BearerError::Missing) => {
-                return denied(None, None, DenyReason::MissingToken.into());
-            }
-            Err(bearer::BearerError::Malformed) => {
-                return denied(None, None, DenyReason::MalformedToken.into());
-            }
+            Err(e) => return denied(None, None, DenyReason::from(e).into()),
         };
         // The set is read once: a reload during this check does not change its course.
         let cluster = match self.workloads.current().select(&token) {
@@ -113,45 +106,41 @@ impl Authorizer {
             Err(denial) => return denied(None, None, denial),
         };
         let source = Some(cluster.name().clone());
-        let review =
-            match tokio::time::timeout_at(deadline, cluster.validate(&token, client_ip)).await {
-                Ok(Ok(validated)) => validated,
-                Ok(Err(denial)) => return denied(source, None, denial),
-                Err(_) => return denied(source, None, out_of_time(Side::Workload, budget)),
-            };
-        if let Err(denial) = cluster.admit(&review.identity) {
-            return denied(source, Some(review.identity), denial);
+        let validation = cluster.validate(&token, client_ip);
+        let review = match within(deadline, budget, Side::Workload, validation).await {
+            Ok(validated) => validated,
+            Err(denial) => return denied(source, None, denial),
+        };
+        match self.grant(&cluster, &review, deadline, budget).await {
+            Ok(grant) => Outcome::Allowed {
+                workload_cluster: cluster.name().clone(),
+                validation_cached: review.from_cache,
+                identity: review.identity,
+                token: grant.exchanged.token,
+                lifetime: grant.lifetime,
+                cache_hit: grant.exchanged.cache_hit,
+                reuse: grant.reuse,
+            },
+            Err(denial) => denied(source, Some(review.identity), denial),
         }
+    }
+
+    /// Everything after validation, each step able to refuse the identity: the cluster's
+    /// namespace policy, consent, the rate limit, the lifetime rule and the exchange.
+    async fn grant(
+        &self,
+        cluster: &WorkloadCluster,
+        review: &Validated,
+        deadline: tokio::time::Instant,
+        budget: Duration,
+    ) -> Result<Grant, Denial> {
+        let identity = &review.identity;
+        cluster.admit(identity)?;
         // Before the exchange cache too: removing the label stops cached tokens at once.
-        if let Some(Err(denial)) = self
-            .consent
-            .as_ref()
-            .map(|c| c.check(&review.identity.service_account))
-        {
-            return denied(source, Some(review.identity), denial);
+        if let Some(consent) = &self.consent {
+            consent.check(&identity.service_account)?;
         }
-        let admission = match &self.limiter {
-            Some(limiter) => {
-                limiter
-                    .admit(cluster.name(), &review.identity.service_account)
-                    .await
-            }
-            None => Admission::Allowed { near_limit: false },
-        };
-        let near_limit = match admission {
-            Admission::Allowed { near_limit } => near_limit,
-            Admission::Throttled { retry_after } => {
-                self.metrics.rate_limited.inc();
-                let seconds = u32::try_from(retry_after.as_secs())
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(1);
-                return denied(
-                    source,
-                    Some(review.identity),
-                    DenyReason::Throttled(seconds).into(),
-                );
-            }
-        };
+        let near_limit = self.admit(cluster, identity).await?;
         let remaining = match review
             .expires_at
             .map(|at| at.duration_since(SystemTime::now()))
@@ -163,11 +152,7 @@ impl Authorizer {
             Some(Err(_)) if !cluster.uses_token_review() => Some(Duration::ZERO),
             // The API server accepted it a moment ago, but it has expired since.
             Some(Err(_)) => {
-                return denied(
-                    source,
-                    Some(review.identity),
-                    DenyReason::InvalidToken.because("token expired during the review"),
-                );
+                return Err(DenyReason::InvalidToken.because("token expired during the review"));
             }
         };
         let lifetime = bounded_lifetime(self.token_expiration, remaining);
@@ -181,28 +166,61 @@ impl Authorizer {
         };
         let key = ExchangeKey {
             source: cluster.name().to_string(),
-            uid: review.identity.uid.clone(),
-            service_account: review.identity.service_account.clone(),
+            uid: identity.uid.clone(),
+            service_account: identity.service_account.clone(),
         };
         let exchange = self.exchanger.exchange(key, lifetime);
-        match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(Ok(exchanged)) => Outcome::Allowed {
-                workload_cluster: cluster.name().clone(),
-                validation_cached: review.from_cache,
-                identity: review.identity,
-                token: exchanged.token,
-                lifetime,
-                cache_hit: exchanged.cache_hit,
-                reuse,
-            },
-            Ok(Err(denial)) => denied(source, Some(review.identity), denial),
-            Err(_) => denied(
-                source,
-                Some(review.identity),
-                out_of_time(Side::Management, budget),
-            ),
+        let exchanged = within(deadline, budget, Side::Management, exchange).await?;
+        Ok(Grant {
+            exchanged,
+            lifetime,
+            reuse,
+        })
+    }
+
+    /// `--rate-limit`: whether this identity may go on, and whether it is near its limit
+    /// (then no proxy may reuse the answer).
+    async fn admit(
+        &self,
+        cluster: &WorkloadCluster,
+        identity: &WorkloadIdentity,
+    ) -> Result<bool, Denial> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(false);
+        };
+        match limiter
+            .admit(cluster.name(), &identity.service_account)
+            .await
+        {
+            Admission::Allowed { near_limit } => Ok(near_limit),
+            Admission::Throttled { retry_after } => {
+                self.metrics.rate_limited.inc();
+                let seconds = u32::try_from(retry_after.as_secs())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(1);
+                Err(DenyReason::Throttled(seconds).into())
+            }
         }
     }
+}
+
+/// What the exchange gave an identity, and for how long.
+struct Grant {
+    exchanged: Exchanged,
+    lifetime: Duration,
+    reuse: Duration,
+}
+
+/// `call`'s answer, or a deadline refusal naming `side` when `deadline` comes first.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    budget: Duration,
+    side: Side,
+    call: impl std::future::Future<Output = Result<T, Denial>>,
+) -> Result<T, Denial> {
+    tokio::time::timeout_at(deadline, call)
+        .await
+        .unwrap_or_else(|_| Err(out_of_time(side, budget)))
 }
 
 fn denied(

@@ -1,6 +1,6 @@
 //! The bearer token in an `authorization` header value (RFC 6750 §2.1).
 
-use crate::secret::BearerToken;
+use crate::{deny::DenyReason, secret::BearerToken};
 
 /// The largest token we accept. Kubernetes service-account tokens are 1–2 KiB; the
 /// bound keeps a hostile header from costing more than a rejection.
@@ -13,6 +13,15 @@ pub enum BearerError {
     Missing,
     /// A header that is not `Bearer <one token>`.
     Malformed,
+}
+
+impl From<BearerError> for DenyReason {
+    fn from(error: BearerError) -> Self {
+        match error {
+            BearerError::Missing => DenyReason::MissingToken,
+            BearerError::Malformed => DenyReason::MalformedToken,
+        }
+    }
 }
 
 /// Extracts the token from `Bearer <token>`: scheme case-insensitive, exactly one space,

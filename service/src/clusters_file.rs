@@ -161,16 +161,12 @@ impl RawDuration {
 /// Why a clusters file is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum ClustersError {
-    /// Not YAML of the expected shape.
     #[error("{0}")]
     Yaml(#[from] serde_yaml::Error),
-    /// No `clusters`, or an empty list.
     #[error("clusters: at least one cluster is required")]
     NoClusters,
-    /// The file itself could not be read.
     #[error("{0}")]
     Read(std::io::Error),
-    /// One cluster's entry; `cluster` is `cluster "east" (clusters[0])`.
     #[error("{cluster}: {problem}")]
     Entry {
         /// Which entry, by name and position.
@@ -183,22 +179,14 @@ pub enum ClustersError {
 /// What is wrong with one cluster's entry; the text starts with the field.
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
-    /// Unknown keys or values of the wrong type.
     #[error("{0}")]
     Shape(serde_yaml::Error),
-    /// A field that must be given.
     #[error("{field}: required")]
-    Required {
-        /// The field.
-        field: &'static str,
-    },
-    /// `name` is not a DNS-1123 label.
+    Required { field: &'static str },
     #[error("name: {0}")]
     Name(NotALabel),
-    /// `issuer` is empty or padded.
     #[error("issuer: must be non-empty without surrounding spaces")]
     Issuer,
-    /// `name` or `issuer` is another entry's too.
     #[error("{field}: {value:?} is already used by clusters[{first}]")]
     Duplicate {
         /// `name` or `issuer`.
@@ -208,10 +196,8 @@ pub enum EntryError {
         /// The entry that has it first.
         first: usize,
     },
-    /// No validation method.
     #[error("one of jwks_uri, jwks_data, discovery: true or tokenreview is required")]
     NoMethod,
-    /// Two validation methods.
     #[error("{second}: cannot be combined with {first}; choose one validation method")]
     TwoMethods {
         /// The first one set, in the order above.
@@ -219,87 +205,57 @@ pub enum EntryError {
         /// The next one.
         second: &'static str,
     },
-    /// `ca_file` or `refresh_interval` without remote keys.
     #[error("{field}: only for jwks_uri or discovery")]
-    RemoteOnly {
-        /// The field.
-        field: &'static str,
-    },
-    /// `leeway` with TokenReview.
+    RemoteOnly { field: &'static str },
     #[error("leeway: only for JWKS validation (the API server checks times)")]
     LeewayWithTokenReview,
-    /// A duration field that does not parse.
     #[error("{field}: {source}")]
     Duration {
-        /// The field.
         field: &'static str,
-        /// Why.
         source: DurationError,
     },
-    /// `leeway` above [`MAX_LEEWAY`].
     #[error("leeway: {} s is more than the {} s allowed", .0.as_secs(), MAX_LEEWAY.as_secs())]
     LeewayTooLong(Duration),
-    /// `refresh_interval` outside [`REFRESH_INTERVAL_BOUNDS`].
     #[error(
         "refresh_interval: must be between {} s and {} s",
         REFRESH_INTERVAL_BOUNDS.0.as_secs(),
         REFRESH_INTERVAL_BOUNDS.1.as_secs()
     )]
     RefreshInterval,
-    /// `jwks_data` given as a string that is not JSON.
     #[error("jwks_data: not a JSON document: {0}")]
     JwksJson(serde_json::Error),
-    /// `jwks_data` is not a usable key set.
     #[error("jwks_data: {0}")]
     JwksData(KeyError),
-    /// `jwks_uri` is not HTTPS.
     #[error("jwks_uri: must be an https:// URL")]
     JwksUriNotHttps,
-    /// `discovery: true` with an issuer that is not an HTTPS URL.
     #[error("discovery: the issuer must be an https:// URL to discover from")]
     DiscoveryNotHttps,
-    /// `audiences: []`.
     #[error("audiences: empty; leave it out to accept any audience")]
     NoAudiences,
-    /// An empty or padded audience.
     #[error("audiences: {0:?}: an audience must be non-empty without surrounding spaces")]
     Audience(String),
-    /// A namespace pattern that could never match.
     #[error("namespaces.{list}[{index}]: {source}")]
     Namespace {
         /// `allow` or `deny`.
         list: &'static str,
         /// Position in the list.
         index: usize,
-        /// Why.
         source: GlobError,
     },
-    /// A named file that cannot be read.
     #[error("{field}: {}: {source}", path.display())]
     File {
         /// `ca_file` or `tokenreview.kubeconfig`.
         field: &'static str,
-        /// The resolved path.
         path: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
-    /// `tokenreview.kubeconfig` is not a kubeconfig.
     #[error("tokenreview.kubeconfig: {}: {source}", path.display())]
     Kubeconfig {
-        /// The resolved path.
         path: PathBuf,
-        /// Why.
         source: kube::config::KubeconfigError,
     },
-    /// `ca_file` holds no usable certificate.
     #[error("ca_file: {}: {source}", path.display())]
-    CaFile {
-        /// The resolved path.
-        path: PathBuf,
-        /// Why.
-        source: FetchError,
-    },
+    CaFile { path: PathBuf, source: FetchError },
 }
 
 /// Reads and validates the file at `path` and the files it names. `own_namespace` is

@@ -117,175 +117,14 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
     type Error = Error;
 
     fn try_from(args: AuthzArgs) -> Result<Self, Error> {
-        for (flag, value) in [
-            ("--grpc-max-connections", args.grpc_max_connections),
-            ("--tls-max-handshakes", args.tls_max_handshakes),
-            ("--review-max-in-flight", args.review_max_in_flight),
-            (
-                "--grpc-max-concurrent-streams",
-                args.grpc_max_concurrent_streams as usize,
-            ),
-        ] {
-            if value == 0 {
-                return Err(Error::Config {
-                    flag,
-                    problem: "must be at least 1".to_owned(),
-                });
-            }
-        }
-        if args.review_max_in_flight_per_source > args.review_max_in_flight {
-            return Err(Error::Config {
-                flag: "--review-max-in-flight-per-source",
-                problem: format!(
-                    "{} is more than --review-max-in-flight ({}); a share is a part of it",
-                    args.review_max_in_flight_per_source, args.review_max_in_flight
-                ),
-            });
-        }
-        if args.token_expiration < MIN_TOKEN_LIFETIME {
-            return Err(Error::Config {
-                flag: "--token-expiration",
-                problem: format!(
-                    "{} s is below the TokenRequest minimum of {} s",
-                    args.token_expiration.as_secs(),
-                    MIN_TOKEN_LIFETIME.as_secs()
-                ),
-            });
-        }
-        if args.kube_timeout.is_zero() {
-            return Err(Error::Config {
-                flag: "--kube-timeout",
-                problem: "must be greater than zero".to_owned(),
-            });
-        }
-        if let Some(bad) = args
-            .audiences
-            .iter()
-            .find(|a| a.trim().is_empty() || a.trim() != a.as_str())
-        {
-            return Err(Error::Config {
-                flag: "--audiences",
-                problem: format!(
-                    "{bad:?}: an audience must be non-empty without surrounding spaces"
-                ),
-            });
-        }
-        if args.kube_max_concurrency == 0 {
-            return Err(Error::Config {
-                flag: "--kube-max-concurrency",
-                problem: "must be at least 1".to_owned(),
-            });
-        }
-        if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0) {
-            return Err(Error::Config {
-                flag: "--rate-limit",
-                problem: format!("{} is not a rate (checks per second, ≥ 0)", args.rate_limit),
-            });
-        }
-        if args.rate_limit > 0.0 && args.rate_limit_burst == 0 {
-            return Err(Error::Config {
-                flag: "--rate-limit-burst",
-                problem: "must be at least 1 when --rate-limit is set".to_owned(),
-            });
-        }
-        if args.grpc_max_message_bytes < 4096 {
-            return Err(Error::Config {
-                flag: "--grpc-max-message-bytes",
-                problem: format!(
-                    "{} is too small for a CheckRequest (at least 4096)",
-                    args.grpc_max_message_bytes
-                ),
-            });
-        }
-        let tls = match (
-            args.tls_cert.as_str(),
-            args.tls_key.as_str(),
-            args.client_ca.as_str(),
-        ) {
-            ("", "", "") => None,
-            ("", _, _) => {
-                return Err(Error::Config {
-                    flag: "--tls-cert",
-                    problem: "is required with --tls-key or --client-ca".to_owned(),
-                });
-            }
-            (_, "", _) => {
-                return Err(Error::Config {
-                    flag: "--tls-key",
-                    problem: "is required with --tls-cert".to_owned(),
-                });
-            }
-            (cert, key, ca) => {
-                let files = TlsFiles {
-                    cert: PathBuf::from(cert),
-                    key: PathBuf::from(key),
-                    client_ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
-                };
-                // Unreadable or mismatched files are a start-up error, not a first-connection one.
-                files.load()?;
-                Some(files)
-            }
-        };
+        check_bounds(&args)?;
+        let tls = tls_files(&args)?;
         let companion_namespace = companion_namespace(
             &args.companion_namespace,
             args.management_kubeconfig.is_empty(),
         );
-        let workloads = if args.clusters_config.is_empty() {
-            let allow_namespaces = args
-                .allow_namespaces
-                .iter()
-                .map(|p| Glob::new(p))
-                .collect::<Result<_, _>>()
-                .map_err(|e: crate::namespaces::GlobError| Error::Config {
-                    flag: "--allow-namespaces",
-                    problem: e.to_string(),
-                })?;
-            if let Some(bad) = args.workload_audiences.iter().find(|a| a.trim().is_empty()) {
-                return Err(Error::Config {
-                    flag: "--workload-audiences",
-                    problem: format!("{bad:?} is not an audience"),
-                });
-            }
-            WorkloadsSource::Kubeconfig(SingleCluster {
-                source: ClusterSource::from_flag(&args.workload_kubeconfig),
-                issuer: SingleIssuer::from_flag(&args.workload_issuer),
-                audiences: args.workload_audiences,
-                allow_namespaces,
-            })
-        } else if let Some(flag) = [
-            (!args.workload_issuer.is_empty()).then_some("--workload-issuer"),
-            (!args.workload_audiences.is_empty()).then_some("--workload-audiences"),
-            (!args.allow_namespaces.is_empty()).then_some("--allow-namespaces"),
-        ]
-        .into_iter()
-        .flatten()
-        .next()
-        {
-            return Err(Error::Config {
-                flag,
-                problem: "applies to --workload-kubeconfig only; with --clusters-config set \
-                          `audiences` and `namespaces.allow` on the cluster in the file"
-                    .to_owned(),
-            });
-        } else if !args.workload_kubeconfig.is_empty() {
-            return Err(Error::Config {
-                flag: "--workload-kubeconfig",
-                problem: "cannot be combined with --clusters-config; list the cluster in \
-                          the file as `tokenreview: {kubeconfig: …}` with its issuer"
-                    .to_owned(),
-            });
-        } else {
-            let path = PathBuf::from(&args.clusters_config);
-            let config = clusters_file::load(&path, &companion_namespace)?;
-            WorkloadsSource::File { path, config }
-        };
-        let require_sa_label = match args.require_sa_label.as_str() {
-            "" => None,
-            text => Some(text.parse().map_err(|e: LabelError| Error::Config {
-                flag: "--require-sa-label",
-                problem: e.to_string(),
-            })?),
-        };
+        let workloads = workloads_source(&args, &companion_namespace)?;
+        let require_sa_label = required_label(&args.require_sa_label)?;
         Ok(AuthzConfig {
             listen: SocketAddr::new(args.addr, args.port),
             require_sa_label,
@@ -321,6 +160,186 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
 /// `--companion-namespace`, else the pod's namespace, else [`DEFAULT_COMPANION_NAMESPACE`].
 /// The pod's namespace counts only when the management cluster is the pod's own
 /// (`in_cluster`): with `--management-kubeconfig` it says nothing about that cluster.
+
+/// The numeric and list flags that need no file: each within its bounds.
+fn check_bounds(args: &AuthzArgs) -> Result<(), Error> {
+    for (flag, value) in [
+        ("--grpc-max-connections", args.grpc_max_connections),
+        ("--tls-max-handshakes", args.tls_max_handshakes),
+        ("--review-max-in-flight", args.review_max_in_flight),
+        (
+            "--grpc-max-concurrent-streams",
+            args.grpc_max_concurrent_streams as usize,
+        ),
+    ] {
+        if value == 0 {
+            return Err(Error::Config {
+                flag,
+                problem: "must be at least 1".to_owned(),
+            });
+        }
+    }
+    if args.review_max_in_flight_per_source > args.review_max_in_flight {
+        return Err(Error::Config {
+            flag: "--review-max-in-flight-per-source",
+            problem: format!(
+                "{} is more than --review-max-in-flight ({}); a share is a part of it",
+                args.review_max_in_flight_per_source, args.review_max_in_flight
+            ),
+        });
+    }
+    if args.token_expiration < MIN_TOKEN_LIFETIME {
+        return Err(Error::Config {
+            flag: "--token-expiration",
+            problem: format!(
+                "{} s is below the TokenRequest minimum of {} s",
+                args.token_expiration.as_secs(),
+                MIN_TOKEN_LIFETIME.as_secs()
+            ),
+        });
+    }
+    if args.kube_timeout.is_zero() {
+        return Err(Error::Config {
+            flag: "--kube-timeout",
+            problem: "must be greater than zero".to_owned(),
+        });
+    }
+    if let Some(bad) = args
+        .audiences
+        .iter()
+        .find(|a| a.trim().is_empty() || a.trim() != a.as_str())
+    {
+        return Err(Error::Config {
+            flag: "--audiences",
+            problem: format!("{bad:?}: an audience must be non-empty without surrounding spaces"),
+        });
+    }
+    if args.kube_max_concurrency == 0 {
+        return Err(Error::Config {
+            flag: "--kube-max-concurrency",
+            problem: "must be at least 1".to_owned(),
+        });
+    }
+    if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0) {
+        return Err(Error::Config {
+            flag: "--rate-limit",
+            problem: format!("{} is not a rate (checks per second, ≥ 0)", args.rate_limit),
+        });
+    }
+    if args.rate_limit > 0.0 && args.rate_limit_burst == 0 {
+        return Err(Error::Config {
+            flag: "--rate-limit-burst",
+            problem: "must be at least 1 when --rate-limit is set".to_owned(),
+        });
+    }
+    if args.grpc_max_message_bytes < 4096 {
+        return Err(Error::Config {
+            flag: "--grpc-max-message-bytes",
+            problem: format!(
+                "{} is too small for a CheckRequest (at least 4096)",
+                args.grpc_max_message_bytes
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `--tls-cert`, `--tls-key`, `--client-ca`: all or nothing (the CA is optional), read
+/// once now so a bad file stops the start.
+fn tls_files(args: &AuthzArgs) -> Result<Option<TlsFiles>, Error> {
+    let missing = |flag, problem: &str| Error::Config {
+        flag,
+        problem: problem.to_owned(),
+    };
+    let files = match (
+        args.tls_cert.as_str(),
+        args.tls_key.as_str(),
+        args.client_ca.as_str(),
+    ) {
+        ("", "", "") => return Ok(None),
+        ("", _, _) => {
+            return Err(missing(
+                "--tls-cert",
+                "is required with --tls-key or --client-ca",
+            ));
+        }
+        (_, "", _) => return Err(missing("--tls-key", "is required with --tls-cert")),
+        (cert, key, ca) => TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            client_ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+        },
+    };
+    // Unreadable or mismatched files are a start-up error, not a first-connection one.
+    files.load()?;
+    Ok(Some(files))
+}
+
+/// The one `--workload-kubeconfig` cluster, or the `--clusters-config` file (loaded now),
+/// never a mix of their flags.
+fn workloads_source(args: &AuthzArgs, companion_namespace: &str) -> Result<WorkloadsSource, Error> {
+    Ok(if args.clusters_config.is_empty() {
+        let allow_namespaces = args
+            .allow_namespaces
+            .iter()
+            .map(|p| Glob::new(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e: crate::namespaces::GlobError| Error::Config {
+                flag: "--allow-namespaces",
+                problem: e.to_string(),
+            })?;
+        if let Some(bad) = args.workload_audiences.iter().find(|a| a.trim().is_empty()) {
+            return Err(Error::Config {
+                flag: "--workload-audiences",
+                problem: format!("{bad:?} is not an audience"),
+            });
+        }
+        WorkloadsSource::Kubeconfig(SingleCluster {
+            source: ClusterSource::from_flag(&args.workload_kubeconfig),
+            issuer: SingleIssuer::from_flag(&args.workload_issuer),
+            audiences: args.workload_audiences.clone(),
+            allow_namespaces,
+        })
+    } else if let Some(flag) = [
+        (!args.workload_issuer.is_empty()).then_some("--workload-issuer"),
+        (!args.workload_audiences.is_empty()).then_some("--workload-audiences"),
+        (!args.allow_namespaces.is_empty()).then_some("--allow-namespaces"),
+    ]
+    .into_iter()
+    .flatten()
+    .next()
+    {
+        return Err(Error::Config {
+            flag,
+            problem: "applies to --workload-kubeconfig only; with --clusters-config set \
+                      `audiences` and `namespaces.allow` on the cluster in the file"
+                .to_owned(),
+        });
+    } else if !args.workload_kubeconfig.is_empty() {
+        return Err(Error::Config {
+            flag: "--workload-kubeconfig",
+            problem: "cannot be combined with --clusters-config; list the cluster in \
+                      the file as `tokenreview: {kubeconfig: …}` with its issuer"
+                .to_owned(),
+        });
+    } else {
+        let path = PathBuf::from(&args.clusters_config);
+        let config = clusters_file::load(&path, companion_namespace)?;
+        WorkloadsSource::File { path, config }
+    })
+}
+
+/// `--require-sa-label KEY=VALUE`; empty: off.
+fn required_label(flag: &str) -> Result<Option<LabelRequirement>, Error> {
+    Ok(match flag {
+        "" => None,
+        text => Some(text.parse().map_err(|e: LabelError| Error::Config {
+            flag: "--require-sa-label",
+            problem: e.to_string(),
+        })?),
+    })
+}
+
 fn companion_namespace(flag: &str, in_cluster: bool) -> String {
     if !flag.is_empty() {
         return flag.to_owned();

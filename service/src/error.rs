@@ -1,5 +1,5 @@
 //! What stops or degrades the server. A denied request is not an error: see
-//! `authz::decision::DenyReason`.
+//! `deny::DenyReason`.
 
 use std::{net::SocketAddr, path::PathBuf};
 

@@ -46,12 +46,10 @@ impl ServiceAccountRef {
         })
     }
 
-    /// The namespace.
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
 
-    /// The service account's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -66,7 +64,6 @@ impl fmt::Display for ServiceAccountRef {
 /// A workload the workload cluster vouched for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadIdentity {
-    /// The service account.
     pub service_account: ServiceAccountRef,
     /// The service account's UID in the workload cluster (empty if the API gave none).
     pub uid: String,

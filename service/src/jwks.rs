@@ -3,9 +3,9 @@
 //! most once per [`ON_DEMAND_MIN_INTERVAL`], and kept when the endpoint fails.
 
 pub mod export;
-pub mod fetch;
-pub mod keys;
-pub mod verify;
+pub(crate) mod fetch;
+pub(crate) mod keys;
+pub(crate) mod verify;
 
 use std::{
     sync::{Arc, Mutex, PoisonError, RwLock, Weak},

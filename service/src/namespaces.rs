@@ -64,7 +64,6 @@ impl Glob {
         p[pi.min(p.len())..].iter().all(|&c| c == b'*')
     }
 
-    /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -62,13 +62,10 @@ impl moka::Expiry<[u8; 32], Answer> for AnswerExpiry {
 /// Why a readiness question to the workload API server got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// Nothing within the probe's timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// The call failed.
     #[error("{}", deny::describe(.0))]
     Kube(kube::Error),
-    /// The request could not be built.
     #[error("{0}")]
     Request(http::Error),
 }

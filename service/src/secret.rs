@@ -8,12 +8,13 @@ use std::{fmt, time::SystemTime};
 pub struct BearerToken(String);
 
 impl BearerToken {
-    /// Wraps a token that `authz::bearer` has already checked for shape.
+    /// Wraps a token that `bearer` has already checked for shape.
     pub(crate) fn new(token: String) -> Self {
         Self(token)
     }
 
-    /// The token itself: for the TokenReview request body only.
+    /// The token itself, for its few readers: the TokenReview body, the cache keys
+    /// (SHA-256 of it), and the unverified parsing and signature check of its claims.
     pub fn expose(&self) -> &str {
         &self.0
     }

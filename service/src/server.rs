@@ -29,7 +29,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC service name Envoy and the health checks use.
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
-/// A running ext_authz server. Tests start one on port 0 and read `addr`.
+/// A running ext_authz server. The in-process tests start one on port 0 and read `addr`.
 pub struct Running {
     /// The address actually bound.
     pub addr: SocketAddr,
@@ -52,54 +52,14 @@ pub struct Running {
 pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
     // One registry per process, as Prometheus expects; every stage counts into it.
     let metrics = Arc::new(Metrics::new());
-    let workloads = match &config.workloads {
-        WorkloadsSource::Kubeconfig(single) => {
-            Workloads::single(single, config.kube, &config.companion_namespace, &metrics).await?
-        }
-        WorkloadsSource::File {
-            path,
-            config: clusters,
-        } => {
-            let workloads = Workloads::from_config(clusters, path, config.kube, &metrics).await?;
-            let names: Vec<&str> = clusters.clusters.iter().map(|c| c.name.as_str()).collect();
-            info!(
-                path = %path.display(),
-                generation = 1,
-                clusters = ?names,
-                companion_namespace = config.companion_namespace.as_str(),
-                "clusters config loaded"
-            );
-            workloads
-        }
-    };
+    let workloads = workloads(&config, &metrics).await?;
     let management =
         kube_client::client(Side::Management, &config.management, &config.kube).await?;
-    let exchanger = CachedExchanger::new(
-        Exchanger::new(
-            management.clone(),
-            config.audiences.clone(),
-            metrics.clone(),
-        ),
-        config.cache_max_entries,
-        config.kube_timeout,
-        metrics.clone(),
-    );
     let consent = config
         .require_sa_label
         .clone()
         .map(|label| Consent::watch(management.clone(), label, metrics.clone()));
-    let authorizer = Authorizer {
-        workloads: workloads.clone(),
-        exchanger,
-        limiter: config
-            .rate_limit
-            .map(|(rate, burst)| Arc::new(RateLimiter::new(rate, burst))),
-        consent: consent.clone(),
-        token_expiration: config.token_expiration,
-        kube_timeout: config.kube_timeout,
-        reuse: config.kube.validation_cache_ttl,
-        metrics: metrics.clone(),
-    };
+    let authorizer = authorizer(&config, &workloads, &management, consent.clone(), &metrics);
     let tls = config.tls.clone().map(ReloadingTls::new).transpose()?;
 
     let listener = TcpListener::bind(config.listen)
@@ -183,6 +143,62 @@ pub async fn start(config: AuthzConfig) -> Result<Running, Error> {
         reload,
         drain_grace: config.drain_grace,
     })
+}
+
+/// The workload clusters of `--workload-kubeconfig` or of the clusters file.
+async fn workloads(config: &AuthzConfig, metrics: &Arc<Metrics>) -> Result<Workloads, Error> {
+    Ok(match &config.workloads {
+        WorkloadsSource::Kubeconfig(single) => {
+            Workloads::single(single, config.kube, &config.companion_namespace, metrics).await?
+        }
+        WorkloadsSource::File {
+            path,
+            config: clusters,
+        } => {
+            let workloads = Workloads::from_config(clusters, path, config.kube, metrics).await?;
+            let names: Vec<&str> = clusters.clusters.iter().map(|c| c.name.as_str()).collect();
+            info!(
+                path = %path.display(),
+                generation = 1,
+                clusters = ?names,
+                companion_namespace = config.companion_namespace.as_str(),
+                "clusters config loaded"
+            );
+            workloads
+        }
+    })
+}
+
+/// The Check handler's stages, wired to one another and to `metrics`.
+fn authorizer(
+    config: &AuthzConfig,
+    workloads: &Workloads,
+    management: &kube::Client,
+    consent: Option<Consent>,
+    metrics: &Arc<Metrics>,
+) -> Authorizer {
+    let exchanger = CachedExchanger::new(
+        Exchanger::new(
+            management.clone(),
+            config.audiences.clone(),
+            metrics.clone(),
+        ),
+        config.cache_max_entries,
+        config.kube_timeout,
+        metrics.clone(),
+    );
+    Authorizer {
+        workloads: workloads.clone(),
+        exchanger,
+        limiter: config
+            .rate_limit
+            .map(|(rate, burst)| Arc::new(RateLimiter::new(rate, burst))),
+        consent,
+        token_expiration: config.token_expiration,
+        kube_timeout: config.kube_timeout,
+        reuse: config.kube.validation_cache_ttl,
+        metrics: metrics.clone(),
+    }
 }
 
 impl Running {

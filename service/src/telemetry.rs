@@ -3,7 +3,7 @@
 //! which logs undecodable response bodies (tokens included) at `warn`, not at all. Every
 //! line is redacted on its way out (`redact`), whatever crate wrote it.
 
-pub mod redact;
+pub(crate) mod redact;
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};

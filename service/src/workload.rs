@@ -197,13 +197,10 @@ impl WorkloadCluster {
 /// Why a workload cluster cannot validate tokens yet.
 #[derive(Debug, thiserror::Error)]
 pub enum NotReady {
-    /// Its API server does not answer.
     #[error("{0}")]
     Unreachable(ProbeError),
-    /// Its API server did not say which issuer it has.
     #[error("issuer discovery: {0}")]
     Discovery(ProbeError),
-    /// No keys fetched yet.
     #[error("no JWKS keys loaded yet")]
     NoKeys,
 }
@@ -245,11 +242,6 @@ impl WorkloadSet {
     /// Whether this is the `--workload-kubeconfig` cluster alone.
     pub fn is_single(&self) -> bool {
         self.single
-    }
-
-    /// 1 for the set built at start, one more for each reload.
-    pub fn generation(&self) -> u64 {
-        self.generation
     }
 }
 
@@ -513,7 +505,7 @@ mod tests {
         .await
         .unwrap();
         let set = workloads.current();
-        assert_eq!(set.generation(), 1);
+        assert_eq!(set.generation, 1);
         assert!(!set.is_single());
         let picked = set.select(&token("https://west.example")).ok().unwrap();
         assert_eq!(&**picked.name(), "west");

@@ -30,14 +30,12 @@ pub struct ExchangeKey {
     pub source: String,
     /// The workload service account's UID: a recreated account starts afresh.
     pub uid: String,
-    /// The service account.
     pub service_account: ServiceAccountRef,
 }
 
 /// A management token and where it came from.
 #[derive(Debug)]
 pub struct Exchanged {
-    /// The token.
     pub token: ExchangedToken,
     /// Whether the exchange cache served it.
     pub cache_hit: bool,

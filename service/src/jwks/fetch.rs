@@ -43,37 +43,30 @@ pub enum Endpoint {
 /// sent, so messages hold URLs, status codes and transport causes, never a token.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    /// The CA file does not parse as PEM.
     #[error("not PEM: {source}")]
     NotPem {
         /// The PEM parser's reason.
         source: rustls::pki_types::pem::Error,
     },
-    /// A certificate in the CA file cannot be a trust anchor.
     #[error("unusable certificate: {source}")]
     UnusableCertificate {
         /// rustls's reason.
         source: rustls::Error,
     },
-    /// The CA file holds no certificate.
     #[error("no PEM certificate in it")]
     NoCertificate,
-    /// The TLS client configuration could not be built.
     #[error("TLS configuration: {source}")]
     Tls {
         /// rustls's reason.
         source: rustls::Error,
     },
-    /// Without `ca_file` we need the system's roots, and there are none.
     #[error("no system CA certificates ({source}); set ca_file")]
     NoSystemRoots {
         /// Why loading them failed.
         source: std::io::Error,
     },
-    /// `url` does not make a request.
     #[error("{url}: {source}")]
     Request {
-        /// The address.
         url: String,
         /// Why the request could not be built.
         source: http::Error,
@@ -82,42 +75,26 @@ pub enum FetchError {
     // The message walks the causes: hyper's own text alone says little.
     #[error("{url}: {}", error_chain::describe(source))]
     Transport {
-        /// The address.
         url: String,
         /// The client's error.
         source: hyper_util::client::legacy::Error,
     },
-    /// The server answered with a status other than 2xx.
     #[error("{url}: HTTP {status}")]
-    Http {
-        /// The address.
-        url: String,
-        /// The status code.
-        status: u16,
-    },
-    /// The body could not be read, or is over [`MAX_BODY_BYTES`].
+    Http { url: String, status: u16 },
     #[error("{url}: reading the body: {source}")]
     Body {
-        /// The address.
         url: String,
         /// The body's or the limit's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The body is not JSON.
     #[error("{url}: body is not JSON")]
-    NotJson {
-        /// The address.
-        url: String,
-    },
-    /// No complete answer within [`FETCH_TIMEOUT`].
+    NotJson { url: String },
     #[error("{url}: no answer within {after:?}")]
     Timeout {
-        /// The address.
         url: String,
         /// How long we waited.
         after: Duration,
     },
-    /// The discovery document is about another issuer (OIDC Discovery §4.3).
     #[error("{url}: issuer does not match {issuer:?}")]
     IssuerMismatch {
         /// The discovery document's address.
@@ -125,13 +102,11 @@ pub enum FetchError {
         /// The issuer we asked about.
         issuer: String,
     },
-    /// The discovery document has no `jwks_uri`, or not an `https://` one.
     #[error("{url}: no https jwks_uri")]
     NoJwksUri {
         /// The discovery document's address.
         url: String,
     },
-    /// The key set was fetched but is not usable.
     #[error("{url}: {source}")]
     Keys {
         /// The `jwks_uri`.

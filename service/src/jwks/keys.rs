@@ -88,70 +88,57 @@ pub enum Selection<'a> {
 /// [`KeySet::skipped`]; only the set-level ones are returned by [`KeySet::from_json`].
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The document has no `keys` array.
     #[error("not a JWK set: no \"keys\" array")]
     NotASet,
-    /// More entries than [`MAX_KEYS`].
     #[error("{count} keys; at most {MAX_KEYS} are accepted")]
     TooMany {
         /// Entries in the document.
         count: usize,
     },
-    /// Every entry was skipped (or there were none).
     #[error("no usable signing key: {}", skipped_detail(skipped))]
     NoUsableKey {
         /// Why each entry was left out, as in [`KeySet::skipped`].
         skipped: Vec<String>,
     },
-    /// A required member is absent or not a string.
     #[error("{field} missing")]
     Missing {
         /// The JWK member, e.g. `n`.
         field: &'static str,
     },
-    /// An optional member is present but not a string.
     #[error("{field} is not a string")]
     NotAString {
         /// The JWK member, `kid` or `alg`.
         field: &'static str,
     },
-    /// A key or coordinate member does not decode.
     #[error("{field} is not base64url")]
     NotBase64Url {
         /// The JWK member, e.g. `x`.
         field: &'static str,
     },
-    /// `use` says the key is not for signatures.
     #[error("use {usage} is not \"sig\"")]
     NotForSignatures {
         /// The `use` value, as JSON.
         usage: Value,
     },
-    /// `key_ops` is given and lacks `verify`.
     #[error("key_ops does not include \"verify\"")]
     NotForVerifying,
-    /// A `kty` other than `RSA` or `EC`.
     #[error("kty {kty:?} is not RSA or EC")]
     UnknownKeyType {
         /// The `kty` value.
         kty: String,
     },
-    /// An EC curve other than P-256 or P-384.
     #[error("curve {curve:?} is not P-256 or P-384")]
     UnknownCurve {
         /// The `crv` value.
         curve: String,
     },
-    /// An RSA modulus under 2048 bits.
     #[error("RSA modulus of {bits} bits; at least {MIN_RSA_BITS}")]
     WeakRsa {
         /// The modulus size, leading zero bytes not counted.
         bits: usize,
     },
-    /// `x` or `y` longer than the curve's field.
     #[error("coordinates too long for the curve")]
     CoordinatesTooLong,
-    /// jsonwebtoken refused the key material.
     #[error("unusable {kty} key: {source}")]
     Unusable {
         /// `RSA` or `EC`.
@@ -159,13 +146,11 @@ pub enum KeyError {
         /// jsonwebtoken's reason.
         source: jsonwebtoken::errors::Error,
     },
-    /// The JWK's `alg` is not one of [`ALLOWED_ALGORITHMS`].
     #[error("alg {alg:?} is not an allowed algorithm")]
     AlgorithmNotAllowed {
         /// The `alg` value.
         alg: String,
     },
-    /// The JWK's `alg` is allowed but not for this key type.
     #[error("alg {alg:?} does not fit a {kty} key")]
     AlgorithmMismatch {
         /// The `alg` value.
@@ -236,7 +221,6 @@ impl KeySet {
         })
     }
 
-    /// The usable keys.
     pub fn keys(&self) -> &[VerifyingKey] {
         &self.keys
     }

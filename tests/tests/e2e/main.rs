@@ -1,5 +1,6 @@
 //! End-to-end tests: one test binary, one module per component under test.
 
+mod architecture;
 mod companion;
 mod deploy;
 mod doctor;
