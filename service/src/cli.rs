@@ -91,7 +91,7 @@ pub struct AuthzArgs {
     pub management_kubeconfig: String,
     /// Mint tokens only for management service accounts carrying this label (KEY=VALUE,
     /// e.g. tokensmith.io/exchange=true); others get 403. Watched (needs list and watch on
-    /// serviceaccounts). Empty: no label required.
+    /// serviceaccounts; a list unconfirmed for 10 min gives 503). Empty: no label required.
     #[arg(long, env = "TOKENSMITH_REQUIRE_SA_LABEL", default_value = "")]
     pub require_sa_label: String,
     /// Longest lifetime of an exchanged token (seconds, or with a unit: 90m, 1h); also
@@ -182,6 +182,11 @@ pub struct DoctorArgs {
     /// outright.
     #[arg(long = "namespace", value_delimiter = ',')]
     pub namespaces: Vec<String>,
+    /// Minting is granted cluster-wide on purpose
+    /// (deploy/components/cluster-wide-token-minting): check that grant instead of
+    /// flagging it.
+    #[arg(long)]
+    pub cluster_wide_minting: bool,
     /// The flags of `authz`.
     #[command(flatten)]
     pub authz: AuthzArgs,

@@ -66,9 +66,20 @@ impl fmt::Display for Finding {
     }
 }
 
-/// Runs every check for `config`. `namespaces`: where minting is checked; empty means
-/// the namespaces the configuration names outright (`--allow-namespaces`, `allow`).
-pub async fn examine(config: &AuthzConfig, namespaces: &[String]) -> Vec<Finding> {
+/// What the deployment is meant to grant, besides what `config` says.
+#[derive(Debug, Clone, Default)]
+pub struct Intent {
+    /// Where minting is checked; empty means the namespaces the configuration names
+    /// outright (`--allow-namespaces`, `allow`).
+    pub namespaces: Vec<String>,
+    /// Minting is granted cluster-wide on purpose (`components/cluster-wide-token-minting`):
+    /// that grant is then checked for, not flagged.
+    pub cluster_wide_minting: bool,
+}
+
+/// Runs every check for `config`.
+pub async fn examine(config: &AuthzConfig, intent: &Intent) -> Vec<Finding> {
+    let namespaces = &intent.namespaces;
     let mut findings = Vec::new();
     let management = api_server(
         &mut findings,
@@ -102,13 +113,9 @@ pub async fn examine(config: &AuthzConfig, namespaces: &[String]) -> Vec<Finding
         }
     }
     if let Some(client) = management {
-        minting(
-            &mut findings,
-            &client,
-            &wanted,
-            config.require_sa_label.is_some(),
-        )
-        .await;
+        let consent = config.require_sa_label.is_some();
+        let cluster_wide = intent.cluster_wide_minting;
+        minting(&mut findings, &client, &wanted, cluster_wide, consent).await;
     }
     findings
 }
@@ -345,9 +352,22 @@ async fn minting(
     findings: &mut Vec<Finding>,
     client: &kube::Client,
     namespaces: &[String],
+    cluster_wide: bool,
     consent: bool,
 ) {
-    if namespaces.is_empty() {
+    if cluster_wide {
+        let wanted = attributes("", "serviceaccounts", "token", "create", "");
+        findings.push(match may(client, wanted).await {
+            Ok(true) => Finding::pass(
+                "management: may mint tokens for every service account (cluster-wide, as declared with --cluster-wide-minting)",
+            ),
+            Ok(false) => Finding::fail(
+                "management: --cluster-wide-minting declared, but minting is not granted cluster-wide",
+                "apply deploy/components/cluster-wide-token-minting, or drop the flag and name namespaces",
+            ),
+            Err(e) => review_failed("management", &e),
+        });
+    } else if namespaces.is_empty() {
         // Nothing named: say whether minting is granted cluster-wide (it should not be).
         let wanted = attributes("", "serviceaccounts", "token", "create", "");
         findings.push(match may(client, wanted).await {
@@ -477,8 +497,8 @@ fn reviewer_token(path: &Path) -> Result<Option<String>, ReviewerTokenError> {
 }
 
 /// Prints the findings and fails when one did.
-pub async fn run(config: &AuthzConfig, namespaces: &[String]) -> Result<(), Error> {
-    let findings = examine(config, namespaces).await;
+pub async fn run(config: &AuthzConfig, intent: &Intent) -> Result<(), Error> {
+    let findings = examine(config, intent).await;
     for finding in &findings {
         println!("{finding}");
     }

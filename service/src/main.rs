@@ -50,7 +50,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         ),
         Command::Doctor(args) => {
             let config = AuthzConfig::try_from(args.authz)?;
-            doctor::run(&config, &args.namespaces).await?;
+            let intent = doctor::Intent {
+                namespaces: args.namespaces,
+                cluster_wide_minting: args.cluster_wide_minting,
+            };
+            doctor::run(&config, &intent).await?;
         }
         Command::Version => println!("tokensmith {}", env!("CARGO_PKG_VERSION")),
     }

@@ -149,7 +149,9 @@ fn the_companions_imports_follow_the_request_and_never_loop() -> Result<()> {
     }
     let bottom = &graph["deny"];
     ensure!(
-        bottom.iter().all(|m| ["identity", "error_chain"].contains(&m.as_str())),
+        bottom
+            .iter()
+            .all(|m| ["identity", "error_chain"].contains(&m.as_str())),
         "deny must stay at the bottom, it imports {bottom:?}"
     );
     Ok(())

@@ -48,6 +48,44 @@ async fn a_correct_setup_passes_every_check() -> Result<()> {
     ensure!(pair.workload.count(Endpoint::TokenReview) == 0);
     ensure!(pair.management.count(Endpoint::TokenRequest) == 0);
     ensure!(pair.management.count(Endpoint::SelfSubjectAccessReview) == 1);
+
+    // This minter may mint anywhere: flagged, unless the deployment says it means it.
+    let cluster_wide = "management: may mint tokens for every service account (cluster-wide";
+    let base = [
+        "--workload-kubeconfig",
+        &reviewer,
+        "--management-kubeconfig",
+        &minter,
+    ];
+    let (code, out) = doctor(&base).await?;
+    ensure!(
+        code == 1,
+        "undeclared cluster-wide minting must fail:\n{out}"
+    );
+    ensure!(out.contains(&format!("FAIL  {cluster_wide})")), "{out}");
+    let (code, out) = doctor(&[&base[..], &["--cluster-wide-minting"]].concat()).await?;
+    ensure!(code == 0, "declared cluster-wide minting must pass:\n{out}");
+    ensure!(
+        out.contains(&format!("ok    {cluster_wide}, as declared")),
+        "{out}"
+    );
+    let narrow = pair.management.kubeconfig_with("narrow", Rights::NONE)?;
+    let narrow = narrow.display().to_string();
+    let (code, out) = doctor(&[
+        "--workload-kubeconfig",
+        &reviewer,
+        "--management-kubeconfig",
+        &narrow,
+        "--cluster-wide-minting",
+    ])
+    .await?;
+    ensure!(
+        code == 1
+            && out.contains(
+                "FAIL  management: --cluster-wide-minting declared, but minting is not granted"
+            ),
+        "a declared grant that is missing must fail:\n{out}"
+    );
     Ok(())
 }
 
