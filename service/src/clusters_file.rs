@@ -171,8 +171,8 @@ pub enum ClustersError {
     Entry {
         /// Which entry, by name and position.
         cluster: String,
-        /// What is wrong with it.
-        problem: EntryError,
+        /// What is wrong with it (boxed: the kubeconfig and YAML errors are large).
+        problem: Box<EntryError>,
     },
 }
 
@@ -294,7 +294,7 @@ pub fn parse(
         let label = entry_label(&entry, index);
         let in_entry = |problem| ClustersError::Entry {
             cluster: label.clone(),
-            problem,
+            problem: Box::new(problem),
         };
         let (spec, files) = cluster(entry, base, own_namespace).map_err(in_entry)?;
         for (field, value, seen) in [
@@ -337,7 +337,7 @@ fn read_named_files(mut config: ClustersConfig) -> Result<ClustersConfig, Cluste
         let spec = &mut config.clusters[file.cluster];
         let in_entry = |problem| ClustersError::Entry {
             cluster: format!("cluster {:?} (clusters[{}])", spec.name, file.cluster),
-            problem,
+            problem: Box::new(problem),
         };
         let path = file.path.clone();
         match file.field {

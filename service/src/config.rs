@@ -157,10 +157,6 @@ impl TryFrom<AuthzArgs> for AuthzConfig {
     }
 }
 
-/// `--companion-namespace`, else the pod's namespace, else [`DEFAULT_COMPANION_NAMESPACE`].
-/// The pod's namespace counts only when the management cluster is the pod's own
-/// (`in_cluster`): with `--management-kubeconfig` it says nothing about that cluster.
-
 /// The numeric and list flags that need no file: each within its bounds.
 fn check_bounds(args: &AuthzArgs) -> Result<(), Error> {
     for (flag, value) in [
@@ -340,6 +336,9 @@ fn required_label(flag: &str) -> Result<Option<LabelRequirement>, Error> {
     })
 }
 
+/// `--companion-namespace`, else the pod's namespace, else [`DEFAULT_COMPANION_NAMESPACE`].
+/// The pod's namespace counts only when the management cluster is the pod's own
+/// (`in_cluster`): with `--management-kubeconfig` it says nothing about that cluster.
 fn companion_namespace(flag: &str, in_cluster: bool) -> String {
     if !flag.is_empty() {
         return flag.to_owned();
