@@ -1,6 +1,7 @@
 //! Validating workload tokens without calling the workload cluster: its published keys
 //! (JWKS), kept fresh by one task per cluster, refreshed early for an unknown `kid` at
-//! most once per [`ON_DEMAND_MIN_INTERVAL`], and kept when the endpoint fails.
+//! most once per [`ON_DEMAND_MIN_INTERVAL`], and kept when the endpoint fails. Tokens
+//! that verified are remembered until their `exp`, while the key set stays the same.
 
 pub mod export;
 pub(crate) mod fetch;
@@ -9,8 +10,10 @@ pub(crate) mod verify;
 
 use std::{
     sync::{Arc, Mutex, PoisonError, RwLock, Weak},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
+
+use sha2::{Digest, Sha256};
 
 use tokio::{
     sync::{Notify, watch},
@@ -22,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::{
     deny::{Denial, DenyReason, Side},
     identity::Validated,
-    metrics::{JwksFetchLabels, Metrics},
+    metrics::{CacheLabels, JwksFetchLabels, Metrics},
     secret::BearerToken,
 };
 use fetch::{Endpoint, FetchError, Fetcher};
@@ -32,6 +35,36 @@ use verify::Expectations;
 /// Unknown-`kid` refreshes per cluster are at least this far apart: a `kid` is chosen
 /// by whoever sends the token, so without a floor every forged token would cost a fetch.
 pub const ON_DEMAND_MIN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Most verified tokens remembered per cluster.
+const VERIFIED_CACHE_ENTRIES: u64 = 100_000;
+/// The verified-token cache counts as the validation cache, as TokenReview's does.
+const VALIDATION: CacheLabels = CacheLabels {
+    cache: "validation",
+};
+
+/// A token that verified, and the key set it verified against: the entry counts only
+/// while that very set is in force.
+#[derive(Clone)]
+struct Verified {
+    validated: Validated,
+    keys: Arc<KeySet>,
+}
+
+/// Until the token's `exp` (tokens without one are not kept).
+struct UntilExpiry;
+
+impl moka::Expiry<[u8; 32], Verified> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        verified: &Verified,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        let at = verified.validated.expires_at?;
+        Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+    }
+}
 
 /// First wait after a failed fetch; it doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -66,6 +99,8 @@ struct Inner {
     keys: RwLock<Option<Arc<KeySet>>>,
     remote: Option<Remote>,
     metrics: Arc<Metrics>,
+    /// Keyed by SHA-256 of the token; `None` with `--validation-cache-ttl 0`.
+    verified: Option<moka::future::Cache<[u8; 32], Verified>>,
 }
 
 struct Remote {
@@ -120,6 +155,7 @@ impl JwksValidator {
         source: &KeySource,
         loaded: Arc<Notify>,
         metrics: Arc<Metrics>,
+        cache_verified: bool,
     ) -> Result<Self, FetchError> {
         let (keys, remote, interval) = match source {
             KeySource::Static(set) => (Some(Arc::new(set.clone())), None, None),
@@ -144,6 +180,12 @@ impl JwksValidator {
             keys: RwLock::new(keys),
             remote,
             metrics,
+            verified: cache_verified.then(|| {
+                moka::future::Cache::builder()
+                    .max_capacity(VERIFIED_CACHE_ENTRIES)
+                    .expire_after(UntilExpiry)
+                    .build()
+            }),
         });
         if let (Some(remote), Some(interval)) = (&inner.remote, interval) {
             let task = tokio::spawn(refresh_loop(
@@ -171,6 +213,38 @@ impl JwksValidator {
         self.keys().is_some()
     }
 
+    /// A verdict remembered for this token, if its key set is still the one in force
+    /// and its `exp` has not passed. Fresh as of now: verifying again would say the same.
+    async fn remembered(&self, key: &[u8; 32]) -> Option<Validated> {
+        let cache = self.inner.verified.as_ref()?;
+        let hit = cache.get(key).await.filter(|hit| {
+            let current = self.keys();
+            current.is_some_and(|keys| Arc::ptr_eq(&keys, &hit.keys))
+                && hit
+                    .validated
+                    .expires_at
+                    .is_some_and(|at| at > SystemTime::now())
+        });
+        let Some(hit) = hit else {
+            self.inner
+                .metrics
+                .cache_misses
+                .get_or_create(&VALIDATION)
+                .inc();
+            return None;
+        };
+        self.inner
+            .metrics
+            .cache_hits
+            .get_or_create(&VALIDATION)
+            .inc();
+        Some(Validated {
+            validated_at: std::time::Instant::now(),
+            from_cache: true,
+            ..hit.validated
+        })
+    }
+
     /// Verifies `token` against this cluster's keys. An unknown `kid` may wait for one
     /// on-demand refresh; callers bound the wait with their own deadline.
     pub async fn validate(
@@ -179,6 +253,10 @@ impl JwksValidator {
         expect: &Expectations<'_>,
     ) -> Result<Validated, Denial> {
         let token = token.expose();
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(validated) = self.remembered(&key).await {
+            return Ok(validated);
+        }
         let header = verify::header(token)?;
         let mut refreshed = false;
         loop {
@@ -190,7 +268,15 @@ impl JwksValidator {
             };
             match keys.select(header.alg, header.kid.as_deref()) {
                 Selection::Keys(candidates) => {
-                    return verify::verify(token, &header, &candidates, expect);
+                    let validated = verify::verify(token, &header, &candidates, expect)?;
+                    if let Some(cache) = &self.inner.verified {
+                        let entry = Verified {
+                            validated: validated.clone(),
+                            keys,
+                        };
+                        cache.insert(key, entry).await;
+                    }
+                    return Ok(validated);
                 }
                 Selection::Mismatch => {
                     return Err(invalid(format!(
@@ -351,7 +437,10 @@ async fn fetch_once(inner: &Inner, loaded: &Notify) -> bool {
             } else {
                 debug!(workload_cluster = name, "jwks unchanged");
             }
-            *keys = Some(Arc::new(set));
+            // An unchanged set stays the same Arc: verified tokens stay remembered.
+            if changed {
+                *keys = Some(Arc::new(set));
+            }
             drop(keys);
             if first {
                 loaded.notify_one();

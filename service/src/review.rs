@@ -3,8 +3,9 @@
 pub mod turns;
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -27,6 +28,9 @@ use turns::Turns;
 const VALIDATION_CACHE_ENTRIES: u64 = 100_000;
 /// How long a TokenReview may wait for a turn before its check is answered 429.
 const TURN_WAIT: Duration = Duration::from_millis(500);
+/// An accepted verdict this far into its TTL (in tenths) is refreshed in the background
+/// on its next hit, so a hot identity never waits for an inline review.
+const REFRESH_AFTER_TENTHS: u32 = 7;
 /// How long a rejection is remembered: enough to absorb a retry storm, short enough
 /// that a token that starts working (clock skew, new SA) is not refused for long.
 const REJECTION_TTL: Duration = Duration::from_secs(1);
@@ -57,6 +61,27 @@ impl moka::Expiry<[u8; 32], Answer> for AnswerExpiry {
             Err(_) => self.ttl.min(REJECTION_TTL),
         })
     }
+
+    // A refreshed verdict starts its own TTL (moka would keep the old expiry).
+    fn expire_after_update(
+        &self,
+        key: &[u8; 32],
+        answer: &Answer,
+        at: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, answer, at)
+    }
+}
+
+/// Whether a refusal is the cluster's verdict on the token (worth remembering), not a
+/// failure to get one (503-class) or a missing turn (429).
+fn is_verdict(denial: &Denial) -> bool {
+    !denial.reason.is_dependency_failure() && !matches!(denial.reason, DenyReason::Throttled(_))
+}
+
+fn lock(set: &Mutex<HashSet<[u8; 32]>>) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+    set.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Why a readiness question to the workload API server got no answer.
@@ -85,6 +110,9 @@ pub struct Reviewer {
     /// ones need none.
     turns: Turns,
     metrics: Arc<Metrics>,
+    ttl: Duration,
+    /// Tokens (by cache key) whose verdict is being refreshed now: one review each.
+    refreshing: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
 
 const VALIDATION: CacheLabels = CacheLabels {
@@ -121,6 +149,8 @@ impl Reviewer {
             audiences,
             cache,
             metrics,
+            ttl: validation_ttl,
+            refreshing: Arc::default(),
         }
     }
 
@@ -169,6 +199,13 @@ impl Reviewer {
         let m = &self.metrics;
         if let Some(answer) = cache.get(&key).await {
             m.cache_hits.get_or_create(&VALIDATION).inc();
+            let refresh_after = self.ttl * REFRESH_AFTER_TENTHS / 10;
+            if answer
+                .as_ref()
+                .is_ok_and(|v| v.validated_at.elapsed() >= refresh_after)
+            {
+                self.refresh_in_background(key, token.clone());
+            }
             return answer.map(|r| Validated {
                 from_cache: true,
                 ..r
@@ -179,16 +216,36 @@ impl Reviewer {
             .try_get_with(key, async {
                 match self.ask(token, source).await {
                     Ok(review) => Ok(Ok(review)),
-                    // Not our turn: no verdict, nothing to remember.
-                    Err(d) if matches!(d.reason, DenyReason::Throttled(_)) => Err(d),
                     // The cluster's own verdict on the token: remember it briefly.
-                    Err(d) if !d.reason.is_dependency_failure() => Ok(Err(d)),
-                    // We could not get a verdict: try again next time.
+                    Err(d) if is_verdict(&d) => Ok(Err(d)),
+                    // No turn, or no answer: nothing to remember, try again next time.
                     Err(d) => Err(d),
                 }
             })
             .await
             .map_err(|shared| (*shared).clone())?
+    }
+
+    /// Replaces `key`'s verdict with a fresh review, unless one is under way. A review that
+    /// gets no answer leaves the old verdict to expire at its time.
+    fn refresh_in_background(&self, key: [u8; 32], token: BearerToken) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        let refreshing = self.refreshing.clone();
+        if !lock(&refreshing).insert(key) {
+            return;
+        }
+        let reviewer = self.clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(reviewer.ttl, reviewer.ask(&token, None)).await;
+            match answer {
+                Ok(Ok(validated)) => cache.insert(key, Ok(validated)).await,
+                Ok(Err(denial)) if is_verdict(&denial) => cache.insert(key, Err(denial)).await,
+                Ok(Err(_)) | Err(_) => {}
+            }
+            lock(&refreshing).remove(&key);
+        });
     }
 
     async fn ask(&self, token: &BearerToken, source: Option<IpAddr>) -> Result<Validated, Denial> {

@@ -441,6 +441,7 @@ async fn cluster(
                         source,
                         inputs.loaded.clone(),
                         inputs.metrics.clone(),
+                        !settings.validation_cache_ttl.is_zero(),
                     )
                     .map_err(|e| problem("jwks", &e))?,
                 ),
@@ -594,6 +595,7 @@ mod tests {
                     },
                     Arc::new(Notify::new()),
                     Arc::default(),
+                    true,
                 )
                 .unwrap(),
             ),

@@ -118,7 +118,7 @@ fn now() -> i64 {
 }
 
 /// The `check decided` records the companion logged.
-fn decisions(companion: &Companion) -> Vec<serde_json::Value> {
+pub(crate) fn decisions(companion: &Companion) -> Vec<serde_json::Value> {
     companion
         .log_records()
         .into_iter()

@@ -23,7 +23,10 @@ use tokensmith_tests::{
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::companion::{allowed_token, denied};
+use crate::{
+    companion::{allowed_token, denied},
+    production::{sample, scrape},
+};
 
 /// How long a log line (a reload, a refresh) may take to appear.
 const LOG_WAIT: Duration = Duration::from_secs(20);
@@ -315,6 +318,53 @@ async fn a_key_dropped_from_the_jwks_stops_validating_after_the_refresh() -> Res
         "no key with the token's kid; refresh skipped (at most one per 30 s)"
     );
     assert_eq!(east.count(Endpoint::Jwks), 2);
+    Ok(())
+}
+
+/// A token that verified is not verified again while the key set stays the same, even
+/// across a periodic refresh that brings the same keys; `--validation-cache-ttl 0` turns
+/// that off. (A set that loses the key: the test above.)
+#[tokio::test]
+async fn a_verified_token_is_remembered_while_its_key_set_stays_the_same() -> Result<()> {
+    let scene = Scene::new().await?;
+    let east = workload("east", 1).await?;
+    let sa = east.add_service_account("app-prod", "eso-sa");
+    scene.grant("app-prod", "eso-sa");
+    let entry = scene.jwks_entry(&east, "  refresh_interval: 1s\n")?;
+    let config = scene.write("clusters.yaml", &[entry])?;
+    let hits = r#"tokensmith_cache_hits_total{cache="validation"}"#;
+    let token = east.mint(&sa).sign();
+
+    let companion = scene.companion(&config, &["east"], &[]).await?;
+    allowed(&companion, &token, "east").await?;
+    let before = sample(&scrape(&companion).await?, hits);
+    allowed(&companion, &token, "east").await?;
+    ensure!(
+        sample(&scrape(&companion).await?, hits) == before + 1.0,
+        "the second check must be answered from the verified-token cache"
+    );
+    // Past a periodic refresh of the same keys: still remembered.
+    let fetches = east.count(Endpoint::Jwks);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ensure!(
+        east.count(Endpoint::Jwks) > fetches,
+        "no periodic refresh happened"
+    );
+    allowed(&companion, &token, "east").await?;
+    ensure!(
+        sample(&scrape(&companion).await?, hits) == before + 2.0,
+        "an unchanged key set must keep the verified tokens"
+    );
+
+    let uncached = scene
+        .companion(&config, &["east"], &["--validation-cache-ttl", "0"])
+        .await?;
+    allowed(&uncached, &token, "east").await?;
+    allowed(&uncached, &token, "east").await?;
+    ensure!(
+        sample(&scrape(&uncached).await?, hits) == 0.0,
+        "--validation-cache-ttl 0 remembers nothing"
+    );
     Ok(())
 }
 

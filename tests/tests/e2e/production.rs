@@ -11,7 +11,7 @@ use tokensmith_tests::{
     tls::TestPki,
 };
 
-use crate::companion::{World, allowed_token, denied};
+use crate::companion::{World, allowed_token, decisions, denied};
 
 /// The companion's `/metrics` text.
 pub(crate) async fn scrape(companion: &Companion) -> Result<String> {
@@ -380,5 +380,46 @@ async fn sockets_that_never_say_hello_cannot_hold_more_than_the_handshake_limit(
         .await
         .context("handshake after the idle socket closed")??;
     assert_eq!(name, "only");
+    Ok(())
+}
+
+/// A hit late in a verdict's TTL is served and revalidated in the background, so the
+/// identity's next check, past the old verdict's TTL, still finds a cached verdict; a
+/// revocation shows within the TTL all the same.
+#[tokio::test]
+async fn a_hot_identity_is_revalidated_ahead_and_a_revocation_still_shows() -> Result<()> {
+    let world = World::start(&["--validation-cache-ttl", "2s"]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    allowed_token(&world.check_bearer(&token).await?)?;
+    ensure!(world.workload.count(Endpoint::TokenReview) == 1);
+    // Past 70 % of the TTL: served from the cache, one review starts behind it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    allowed_token(&world.check_bearer(&token).await?)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        world.workload.count(Endpoint::TokenReview) == 2,
+        "one background review, got {}",
+        world.workload.count(Endpoint::TokenReview)
+    );
+    // 2.5 s after the first verdict, which has expired by now: the refreshed one serves.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    allowed_token(&world.check_bearer(&token).await?)?;
+    let last = decisions(&world.companion)
+        .pop()
+        .context("no decision logged")?;
+    ensure!(
+        last["validation_cached"] == true,
+        "the check past the first TTL must find the refreshed verdict: {last}"
+    );
+    ensure!(world.workload.count(Endpoint::TokenReview) == 2);
+
+    // Revoked: the verdict cached now is at most 2 s old, then the review says no.
+    world.workload.delete_service_account("app-prod", "eso-sa");
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let refused = world.check_bearer(&token).await?;
+    ensure!(
+        denied(&refused)?.http == 401,
+        "a revoked token must be refused within the TTL"
+    );
     Ok(())
 }
