@@ -78,6 +78,41 @@ async fn half_as_many_identities_as_slots_are_all_served_from_the_cache() -> Res
     Ok(())
 }
 
+/// One slot for two identities: each lookup must check the stored token digest, or one
+/// workload would be sent upstream with the other's management token.
+#[tokio::test]
+async fn one_slot_never_serves_one_identitys_token_to_another() -> Result<()> {
+    let config = json!({"cache": {"slots": 1}});
+    let stage = Stage::start_with(Path::Filter, &[], &config).await?;
+    let world = &stage.world;
+    let mut tokens = Vec::new();
+    for name in ["sa-a", "sa-b"] {
+        world.management.add_service_account("app-prod", name);
+        let sa = world.workload.add_service_account("app-prod", name);
+        tokens.push((name, world.workload.mint(&sa).sign()));
+    }
+    for (_, token) in [&tokens[0], &tokens[1], &tokens[0]] {
+        anyhow::ensure!(stage.get(Some(token)).await?.status == 200);
+    }
+    let seen = stage.upstream.seen();
+    anyhow::ensure!(seen.len() == 3, "{} requests upstream", seen.len());
+    for (request, (name, _)) in seen.iter().zip([&tokens[0], &tokens[1], &tokens[0]]) {
+        let forwarded = request
+            .header("authorization")
+            .trim_start_matches("Bearer ");
+        let claims = world.management.verify(forwarded)?;
+        anyhow::ensure!(
+            claims.sub == format!("system:serviceaccount:app-prod:{name}"),
+            "{name}'s request went upstream as {}",
+            claims.sub
+        );
+    }
+    let e = &stage.envoy;
+    assert_eq!(e.stat("wasmcustom.tokensmith.cache_misses").await?, 3);
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 2);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
     let stage = Stage::start(Path::Filter, &[]).await?;
