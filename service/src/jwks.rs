@@ -43,12 +43,15 @@ const VALIDATION: CacheLabels = CacheLabels {
     cache: "validation",
 };
 
-/// A token that verified, and the key set it verified against: the entry counts only
-/// while that very set is in force.
+/// A token that verified, the key set it verified against and the audiences and leeway
+/// it satisfied: the entry counts only while that very set is in force and the cluster
+/// expects the same (a reload that keeps this validator may change its audiences).
 #[derive(Clone)]
 struct Verified {
     validated: Validated,
     keys: Arc<KeySet>,
+    audiences: Vec<String>,
+    leeway: Duration,
 }
 
 /// Until the token's `exp` (tokens without one are not kept).
@@ -215,11 +218,17 @@ impl JwksValidator {
 
     /// A verdict remembered for this token, if its key set is still the one in force
     /// and its `exp` has not passed. Fresh as of now: verifying again would say the same.
-    async fn remembered(&self, key: &[u8; 32]) -> Option<Validated> {
-        let cache = self.inner.verified.as_ref()?;
+    async fn remembered(
+        &self,
+        key: Option<&[u8; 32]>,
+        expect: &Expectations<'_>,
+    ) -> Option<Validated> {
+        let (cache, key) = (self.inner.verified.as_ref()?, key?);
         let hit = cache.get(key).await.filter(|hit| {
             let current = self.keys();
             current.is_some_and(|keys| Arc::ptr_eq(&keys, &hit.keys))
+                && hit.audiences == expect.audiences
+                && hit.leeway == expect.leeway
                 && hit
                     .validated
                     .expires_at
@@ -253,8 +262,13 @@ impl JwksValidator {
         expect: &Expectations<'_>,
     ) -> Result<Validated, Denial> {
         let token = token.expose();
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(validated) = self.remembered(&key).await {
+        // Hashed only when there is a cache to look in.
+        let key: Option<[u8; 32]> = self
+            .inner
+            .verified
+            .as_ref()
+            .map(|_| Sha256::digest(token.as_bytes()).into());
+        if let Some(validated) = self.remembered(key.as_ref(), expect).await {
             return Ok(validated);
         }
         let header = verify::header(token)?;
@@ -269,10 +283,12 @@ impl JwksValidator {
             match keys.select(header.alg, header.kid.as_deref()) {
                 Selection::Keys(candidates) => {
                     let validated = verify::verify(token, &header, &candidates, expect)?;
-                    if let Some(cache) = &self.inner.verified {
+                    if let (Some(cache), Some(key)) = (&self.inner.verified, key) {
                         let entry = Verified {
                             validated: validated.clone(),
                             keys,
+                            audiences: expect.audiences.to_vec(),
+                            leeway: expect.leeway,
                         };
                         cache.insert(key, entry).await;
                     }

@@ -368,6 +368,35 @@ async fn a_verified_token_is_remembered_while_its_key_set_stays_the_same() -> Re
     Ok(())
 }
 
+/// A reload that keeps a cluster's keys (and so its validator) but narrows its audiences
+/// must not let a remembered token through on the old terms.
+#[tokio::test]
+async fn a_remembered_token_meets_the_audiences_of_a_reloaded_file() -> Result<()> {
+    let scene = Scene::new().await?;
+    let east = workload("east", 1).await?;
+    let sa = east.add_service_account("app-prod", "eso-sa");
+    scene.grant("app-prod", "eso-sa");
+    let any = scene.jwks_entry(&east, "")?;
+    let mut volume = ConfigMapVolume::new(
+        scene.dir.path().join("volume"),
+        &format!("clusters:\n{any}"),
+    )?;
+    let mut companion = scene.companion(&volume.path(), &["east"], &[]).await?;
+    let token = east.mint(&sa).sign();
+    allowed(&companion, &token, "east").await?;
+    allowed(&companion, &token, "east").await?;
+
+    let narrow = scene.jwks_entry(&east, "  audiences: [only-this-service]\n")?;
+    volume.publish(&format!("clusters:\n{narrow}"))?;
+    reloaded(&mut companion, 2).await?;
+    ensure!(
+        east.count(Endpoint::Jwks) == 1,
+        "the reload must keep the keys, or the case is not tested"
+    );
+    refused(&companion, &token, 401, "invalid_token").await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn forged_kids_cause_at_most_one_jwks_refresh_per_interval() -> Result<()> {
     let scene = Scene::new().await?;
