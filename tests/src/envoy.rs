@@ -294,6 +294,11 @@ impl Envoy {
     pub fn logs(&self) -> String {
         self.process.logs()
     }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
 }
 
 /// The listener's bound address once `/ready` says LIVE.

@@ -2,6 +2,7 @@
 //! (TokenReview, TokenRequest, discovery, JWKS), with faults and a call log.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod bench;
 pub mod companion;
 pub mod envoy;
 pub mod fake_apiserver;
@@ -10,6 +11,7 @@ pub mod istio;
 pub mod manifests;
 pub mod process;
 pub mod tls;
+pub mod trivial_authz;
 pub mod upstream;
 
 pub use fake_apiserver::{

@@ -213,29 +213,53 @@ pub fn tokensmith_bin() -> Result<PathBuf, Error> {
 pub fn filter_wasm() -> Result<PathBuf, Error> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--quiet", "-p", "tokensmith-filter", "--target", "wasm32-wasip1", "--profile", "wasm"])
-                .current_dir(workspace_root())
-                .status()
-                .map_err(|e| format!("cannot run cargo build: {e}"))?;
-            if !status.success() {
-                return Err(format!(
-                    "building the filter failed ({status}); is the target installed? `rustup target add wasm32-wasip1`"
-                ));
-            }
-            // target/<profile>/deps/e2e-… → target/wasm32-wasip1/wasm/
-            let target = profile_dir()?.parent().ok_or("target dir")?.to_path_buf();
-            let wasm = target.join("wasm32-wasip1/wasm/tokensmith_filter.wasm");
-            if wasm.is_file() {
-                Ok(wasm)
-            } else {
-                Err(format!("{} missing after cargo build", wasm.display()))
-            }
-        })
+        .get_or_init(|| build_wasm("tokensmith-filter"))
         .clone()
         .map_err(Error::Process)
+}
+
+/// Path of `tokensmith_noop_filter.wasm`, the bench's in-proxy floor, built like
+/// [`filter_wasm`].
+pub fn noop_filter_wasm() -> Result<PathBuf, Error> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_wasm("tokensmith-noop-filter"))
+        .clone()
+        .map_err(Error::Process)
+}
+
+fn build_wasm(package: &str) -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            package,
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building {package} failed ({status}); is the target installed? `rustup target add wasm32-wasip1`"
+        ));
+    }
+    // target/<profile>/deps/e2e-… → target/wasm32-wasip1/wasm/
+    let target = profile_dir()?.parent().ok_or("target dir")?.to_path_buf();
+    let wasm = target.join(format!(
+        "wasm32-wasip1/wasm/{}.wasm",
+        package.replace('-', "_")
+    ));
+    if wasm.is_file() {
+        Ok(wasm)
+    } else {
+        Err(format!("{} missing after cargo build", wasm.display()))
+    }
 }
 
 /// `target/<profile>` of the running executable (tests live in `target/<profile>/deps`,

@@ -1,6 +1,7 @@
 //! End-to-end tests: one test binary, one module per component under test.
 
 mod architecture;
+mod bench;
 mod companion;
 mod deploy;
 mod doctor;
