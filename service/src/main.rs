@@ -19,9 +19,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // `jwks` and `doctor` print on stdout, where the logs go: they log nothing, and
     // report failure on stderr only.
-    if !matches!(cli.command, Command::Jwks(_) | Command::Doctor(_)) {
-        telemetry::init(cli.log_level, cli.log_format);
-    }
+    // Held to the end of main: dropping it writes out the queued lines.
+    let _log_writer = (!matches!(cli.command, Command::Jwks(_) | Command::Doctor(_)))
+        .then(|| telemetry::init(cli.log_level, cli.log_format));
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

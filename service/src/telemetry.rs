@@ -2,6 +2,11 @@
 //! so no library's debug output (request headers included) can reach the log; kube-client,
 //! which logs undecodable response bodies (tokens included) at `warn`, not at all. Every
 //! line is redacted on its way out (`redact`), whatever crate wrote it.
+//!
+//! Lines go to stdout from a thread of their own (tracing-appender, never lossy): a
+//! Check pays for a queue push, not a `write(2)`, and under load many lines share one
+//! write (the thread flushes whenever the queue runs empty). A full queue (64 Ki lines) makes the logging thread wait, as a blocked stdout
+//! would, rather than drop a decision line.
 
 pub(crate) mod redact;
 
@@ -10,8 +15,17 @@ use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::Subscriber
 
 use crate::cli::{LogFormat, LogLevel};
 
+/// Lines that may wait for the writer thread before a logging call blocks.
+const QUEUED_LINES: usize = 64 * 1024;
+
+/// Keeps the writer thread; dropping it writes out every queued line. Hold it until exit.
+#[must_use = "dropping it stops the log writer"]
+pub struct LogWriter {
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+}
+
 /// Installs the global subscriber. Call once, at start.
-pub fn init(level: LogLevel, format: LogFormat) {
+pub fn init(level: LogLevel, format: LogFormat) -> LogWriter {
     let level = match level {
         LogLevel::Debug => LevelFilter::DEBUG,
         LogLevel::Info => LevelFilter::INFO,
@@ -23,7 +37,15 @@ pub fn init(level: LogLevel, format: LogFormat) {
         .with_target("tokensmith", level)
         .with_target("tokensmith_service", level)
         .with_target("kube_client", LevelFilter::OFF);
-    let writer = redact::Redacting(std::io::stdout);
+    let (stdout, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("tokensmith-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
+    let writer = redact::Redacting(stdout);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Json => registry
@@ -40,4 +62,5 @@ pub fn init(level: LogLevel, format: LogFormat) {
             .with(tracing_subscriber::fmt::layer().with_writer(writer))
             .init(),
     }
+    LogWriter { _guard: guard }
 }

@@ -199,18 +199,12 @@ pub async fn run(settings: &Settings) -> Result<Vec<Measured>, Error> {
     Ok(results)
 }
 
-/// The companion's `tokensmith_checks_total`, summed over labels (0 without one).
+/// The companion's answered Checks (0 without one).
 async fn checks(companion: Option<&Companion>) -> Result<u64, Error> {
-    let Some(addr) = companion.and_then(|c| c.metrics_addr) else {
-        return Ok(0);
-    };
-    let metrics = crate::http::get(addr, "/metrics", &[]).await?;
-    Ok(metrics
-        .body
-        .lines()
-        .filter(|l| l.starts_with("tokensmith_checks_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+    match companion {
+        Some(companion) => companion.checks_answered().await,
+        None => Ok(0),
+    }
 }
 
 async fn checks_since(companion: Option<&Companion>, before: u64) -> Result<u64, Error> {

@@ -60,6 +60,15 @@ impl ClusterPair {
     }
 }
 
+/// How long a decision line may trail its answer.
+const LOG_SETTLE: Duration = Duration::from_secs(5);
+
+fn records(logs: &str) -> Vec<serde_json::Value> {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// How long a companion may take to listen and report SERVING.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -210,7 +219,7 @@ impl Companion {
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::Process(format!(
                     "health stayed {now:?}, wanted {want:?}:\n{}",
-                    self.logs()
+                    self.logs_now()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -262,17 +271,72 @@ impl Companion {
         AuthorizationClient::new(self.channel.clone())
     }
 
-    /// Everything the companion logged so far.
-    pub fn logs(&self) -> String {
+    /// Everything the companion logged so far, not waiting for lines in flight.
+    pub fn logs_now(&self) -> String {
         self.process.logs()
     }
 
-    /// The companion's log lines parsed as JSON (non-JSON lines skipped).
-    pub fn log_records(&self) -> Vec<serde_json::Value> {
-        self.logs()
+    /// Everything the companion logged, once [`Companion::settled`].
+    pub async fn logs(&self) -> Result<String, Error> {
+        self.settled().await?;
+        Ok(self.logs_now())
+    }
+
+    /// The companion's log lines parsed as JSON (non-JSON lines skipped), once
+    /// [`Companion::settled`].
+    pub async fn log_records(&self) -> Result<Vec<serde_json::Value>, Error> {
+        Ok(records(&self.logs().await?))
+    }
+
+    /// The `check decided` records, once [`Companion::settled`].
+    pub async fn decisions(&self) -> Result<Vec<serde_json::Value>, Error> {
+        Ok(self
+            .log_records()
+            .await?
+            .into_iter()
+            .filter(|r| r["message"] == "check decided")
+            .collect())
+    }
+
+    /// Checks answered so far: `tokensmith_checks_total` summed over its labels.
+    pub async fn checks_answered(&self) -> Result<u64, Error> {
+        let addr = self
+            .metrics_addr
+            .ok_or_else(|| Error::Process("the companion serves no metrics".to_owned()))?;
+        let metrics = crate::http::get(addr, "/metrics", &[]).await?;
+        Ok(metrics
+            .body
             .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+            .filter(|l| l.starts_with("tokensmith_checks_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
+    /// Waits until the log holds a decision line for every Check answered so far. The
+    /// companion writes its log from a thread of its own, so a line may trail its answer
+    /// by a moment; lines are in order, so everything logged during those Checks is there
+    /// too. Without a metrics endpoint there is nothing to wait for.
+    pub async fn settled(&self) -> Result<(), Error> {
+        if self.metrics_addr.is_none() {
+            return Ok(());
+        }
+        let answered = self.checks_answered().await?;
+        let deadline = tokio::time::Instant::now() + LOG_SETTLE;
+        loop {
+            let logged = records(&self.logs_now())
+                .iter()
+                .filter(|r| r["message"] == "check decided")
+                .count() as u64;
+            if logged >= answered {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Process(format!(
+                    "{answered} checks answered but {logged} decisions logged after {LOG_SETTLE:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The process id, while it runs.

@@ -2,6 +2,7 @@
 //! dropped (also on panic), and their logs printed when a test fails.
 
 use std::{
+    collections::VecDeque,
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex, OnceLock},
@@ -16,11 +17,22 @@ use tokio::{
 
 use crate::Error;
 
+/// Most output lines kept per process: a long bench run logs millions, a test a few
+/// hundred. Past it the oldest go.
+const MAX_LINES: usize = 100_000;
+
+/// The last [`MAX_LINES`] lines of a process's output, and how many came before them.
+#[derive(Default)]
+struct Output {
+    lines: VecDeque<String>,
+    dropped: usize,
+}
+
 /// A running child process whose stdout and stderr are collected.
 pub struct ChildProcess {
     name: String,
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Arc<Mutex<Output>>,
     changed: watch::Receiver<usize>,
 }
 
@@ -35,7 +47,7 @@ impl ChildProcess {
         let mut child = command
             .spawn()
             .map_err(|e| Error::Process(format!("{name}: cannot spawn: {e}")))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::new(Mutex::new(Output::default()));
         let (tx, changed) = watch::channel(0);
         let tx = Arc::new(tx);
         if let Some(out) = child.stdout.take() {
@@ -52,9 +64,19 @@ impl ChildProcess {
         })
     }
 
-    /// Everything the process wrote so far, one line per line.
+    /// Everything the process wrote so far (the last 100,000 lines), one line per line.
     pub fn logs(&self) -> String {
-        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+        self.lines
+            .lock()
+            .map(|out| {
+                let kept: Vec<&str> = out.lines.iter().map(String::as_str).collect();
+                let kept = kept.join("\n");
+                match out.dropped {
+                    0 => kept,
+                    n => format!("[{n} earlier lines not kept]\n{kept}"),
+                }
+            })
+            .unwrap_or_default()
     }
 
     /// Waits until some output line satisfies `pick`, and returns what it picked.
@@ -69,7 +91,7 @@ impl ChildProcess {
                 .lines
                 .lock()
                 .ok()
-                .and_then(|lines| lines.iter().find_map(|l| pick(l)));
+                .and_then(|out| out.lines.iter().find_map(|l| pick(l)));
             if let Some(found) = found {
                 return Ok(found);
             }
@@ -154,14 +176,18 @@ impl Drop for ChildProcess {
 
 async fn collect(
     stream: impl AsyncRead + Unpin,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Arc<Mutex<Output>>,
     tx: Arc<watch::Sender<usize>>,
 ) {
     let mut reader = BufReader::new(stream).lines();
     while let Ok(Some(line)) = reader.next_line().await {
-        if let Ok(mut l) = lines.lock() {
-            l.push(line);
-            tx.send_replace(l.len());
+        if let Ok(mut out) = lines.lock() {
+            out.lines.push_back(line);
+            if out.lines.len() > MAX_LINES {
+                out.lines.pop_front();
+                out.dropped += 1;
+            }
+            tx.send_replace(out.dropped + out.lines.len());
         }
     }
 }

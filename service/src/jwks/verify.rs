@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, Validation, errors::ErrorKind};
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
 use super::keys::{VerifyingKey, allowed_algorithm};
@@ -44,13 +45,46 @@ fn invalid(detail: impl Into<String>) -> Denial {
 
 /// Decodes one base64url JWT segment as a JSON object, refusing anything else.
 fn segment_object(segment: &str) -> Option<Map<String, Value>> {
+    segment_as(segment)
+}
+
+/// Decodes one base64url JWT segment as a JSON object into `T`, which names only the
+/// members it reads: the others are skipped unbuilt (this runs on every Check). A member
+/// given twice is refused, not resolved to one of its values.
+fn segment_as<T: DeserializeOwned>(segment: &str) -> Option<T> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(segment)
         .ok()?;
-    match serde_json::from_slice(&bytes).ok()? {
-        Value::Object(map) => Some(map),
-        _ => None,
+    // serde reads a JSON array into a struct too: only an object is a header or claims.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
     }
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A member that is present, `null` included (serde would read `null` as absent).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// The JOSE header members the policy reads.
+#[derive(Deserialize)]
+struct HeaderMembers {
+    #[serde(default, deserialize_with = "present")]
+    alg: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    kid: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    crit: Option<Value>,
+}
+
+/// The claims read before any signature or review: which cluster, and whether expired.
+#[derive(Deserialize)]
+struct RoutingClaims {
+    #[serde(default, deserialize_with = "present")]
+    iss: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    exp: Option<Value>,
 }
 
 /// Splits a compact JWS into its three segments, refusing oversize tokens first.
@@ -69,7 +103,7 @@ fn segments(token: &str) -> Result<[&str; 3], Denial> {
 /// will check it. `None` for anything that is not a JWT with a string `iss`.
 pub fn unverified_issuer(token: &str) -> Option<String> {
     let [_, payload, _] = segments(token).ok()?;
-    match segment_object(payload)?.remove("iss")? {
+    match segment_as::<RoutingClaims>(payload)?.iss? {
         Value::String(iss) => Some(iss),
         _ => None,
     }
@@ -86,11 +120,11 @@ pub fn unverified_claim(token: &str, name: &str) -> Option<Value> {
 /// implement no JWS extension, and RFC 7515 §4.1.11 says to reject what we don't.
 pub fn header(token: &str) -> Result<Header, Denial> {
     let [header, _, _] = segments(token)?;
-    let mut header = segment_object(header).ok_or_else(|| invalid("header is not JSON"))?;
-    if header.contains_key("crit") {
+    let header: HeaderMembers = segment_as(header).ok_or_else(|| invalid("header is not JSON"))?;
+    if header.crit.is_some() {
         return Err(invalid("crit header parameter present"));
     }
-    let alg = match header.get("alg") {
+    let alg = match &header.alg {
         Some(Value::String(name)) => allowed_algorithm(name).ok_or_else(|| {
             // Name the algorithm only when it is a real one: the value is attacker-chosen.
             match name.parse::<Algorithm>() {
@@ -101,7 +135,7 @@ pub fn header(token: &str) -> Result<Header, Denial> {
         })?,
         _ => return Err(invalid("alg missing")),
     };
-    let kid = match header.remove("kid") {
+    let kid = match header.kid {
         None => None,
         Some(Value::String(kid)) => Some(kid),
         Some(_) => return Err(invalid("kid is not a string")),
@@ -115,9 +149,10 @@ pub fn header(token: &str) -> Result<Header, Denial> {
 pub fn prevalidate(token: &str, leeway: Duration) -> Result<(), Denial> {
     header(token)?;
     let [_, payload, _] = segments(token)?;
-    let claims = segment_object(payload).ok_or_else(|| invalid("payload is not JSON"))?;
+    let claims: RoutingClaims =
+        segment_as(payload).ok_or_else(|| invalid("payload is not JSON"))?;
     let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
-    match claims.get("exp") {
+    match &claims.exp {
         None => Ok(()),
         Some(exp) => match seconds(exp) {
             Some(exp) if exp.saturating_add(leeway) >= now() => Ok(()),

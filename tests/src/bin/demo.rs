@@ -68,7 +68,7 @@ async fn main() -> Result<()> {
                 .collect();
             println!("   decision: ALLOW (gRPC status 0), headers to overwrite: {keys:?}\n");
         }
-        _ => anyhow::bail!("the companion denied the demo token:\n{}", companion.logs()),
+        _ => anyhow::bail!("the companion denied the demo token:\n{}", companion.logs().await?),
     }
 
     let upstream = Upstream::start().await?;
@@ -117,13 +117,8 @@ async fn main() -> Result<()> {
         filter_upstream.addr,
     ))
     .await?;
-    let checks = |c: &Companion| {
-        c.log_records()
-            .iter()
-            .filter(|r| r["message"] == "check decided")
-            .count()
-    };
-    let before = checks(&companion);
+    let checks = async |c: &Companion| anyhow::Ok(c.decisions().await?.len());
+    let before = checks(&companion).await?;
     let bearer = format!("Bearer {workload_token}");
     for i in 1..=3 {
         let reply = http::get(
@@ -147,7 +142,7 @@ async fn main() -> Result<()> {
         "   the upstream got a management token for {}/{}; Checks sent to the companion for 3 requests: {}; filter cache hits: {}",
         m.namespace,
         m.service_account_name,
-        checks(&companion) - before,
+        checks(&companion).await? - before,
         filter_envoy
             .stat("wasmcustom.tokensmith.cache_hits")
             .await?,
@@ -181,11 +176,7 @@ async fn main() -> Result<()> {
     println!(
         "7. The companion's decision log (no token in it; its own exchange cache answers repeats):"
     );
-    for record in companion
-        .log_records()
-        .iter()
-        .filter(|r| r["message"] == "check decided")
-    {
+    for record in &companion.decisions().await? {
         println!(
             "   decision={} reason={} namespace={} service_account={} cache_hit={} latency_ms={:.1}",
             record["decision"].as_str().unwrap_or(""),

@@ -117,15 +117,6 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The `check decided` records the companion logged.
-pub(crate) fn decisions(companion: &Companion) -> Vec<serde_json::Value> {
-    companion
-        .log_records()
-        .into_iter()
-        .filter(|r| r["message"] == "check decided")
-        .collect()
-}
-
 async fn assert_denied(
     world: &World,
     response: &CheckResponse,
@@ -136,8 +127,10 @@ async fn assert_denied(
     let d = denied(response)?;
     assert_eq!((d.http, d.grpc), (http, grpc), "{d:?}");
     assert!(!d.body.is_empty());
-    // The decision line is written before the answer leaves the companion.
-    let last = decisions(&world.companion)
+    let last = world
+        .companion
+        .decisions()
+        .await?
         .pop()
         .context("no decision logged")?;
     assert_eq!(last["decision"], "deny");
@@ -197,7 +190,7 @@ async fn exchange_keeps_namespace_and_name_and_uses_the_management_issuer() -> R
     );
     assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
 
-    let line = decisions(&world.companion).pop().context("decision")?;
+    let line = world.companion.decisions().await?.pop().context("decision")?;
     assert_eq!(line["decision"], "allow");
     assert_eq!(line["namespace"], "app-prod");
     assert_eq!(line["service_account"], "eso-sa");
@@ -437,6 +430,7 @@ async fn the_discovered_issuer_refuses_other_issuers_before_a_review_and_admits_
     let discovered = world
         .companion
         .log_records()
+        .await?
         .into_iter()
         .find(|r| {
             r["message"]
@@ -474,6 +468,7 @@ async fn without_issuer_discovery_every_issuer_is_reviewed_and_a_warning_says_so
     assert!(
         companion
             .logs()
+            .await?
             .contains("the workload API server announces no issuer"),
         "a warning names the gap"
     );
@@ -563,7 +558,7 @@ async fn an_unreachable_api_server_is_service_unavailable() -> Result<()> {
     let token = world.workload_token(Duration::from_secs(3599));
     let response = world.check_bearer(&token).await?;
     assert_denied(&world, &response, 503, 14, "unavailable").await?;
-    let line = decisions(&world.companion).pop().context("decision")?;
+    let line = world.companion.decisions().await?.pop().context("decision")?;
     assert_eq!(line["cluster"], "workload");
     assert_eq!(line["level"], "WARN");
     Ok(())
@@ -652,7 +647,7 @@ async fn a_slow_api_server_runs_into_the_kube_timeout() -> Result<()> {
         elapsed < Duration::from_secs(2),
         "answered after {elapsed:?}"
     );
-    let line = decisions(&world.companion).pop().context("decision")?;
+    let line = world.companion.decisions().await?.pop().context("decision")?;
     assert_eq!(line["cluster"], "workload");
     Ok(())
 }
@@ -678,7 +673,7 @@ async fn envoys_deadline_wins_over_a_longer_kube_timeout() -> Result<()> {
         started.elapsed()
     );
     assert_denied(&world, &response, 503, 14, "deadline_exceeded").await?;
-    let line = decisions(&world.companion).pop().context("decision")?;
+    let line = world.companion.decisions().await?.pop().context("decision")?;
     assert_eq!(line["cluster"], "management");
     Ok(())
 }
@@ -737,7 +732,7 @@ async fn sigterm_lets_an_in_flight_check_finish_then_exits_cleanly() -> Result<(
     assert!(exit.success(), "exit {exit}");
     let response = in_flight.await??.into_inner();
     world.management.verify(&allowed_token(&response)?)?;
-    assert!(world.companion.logs().contains("\"draining\""));
+    assert!(world.companion.logs().await?.contains("\"draining\""));
     Ok(())
 }
 
@@ -760,8 +755,8 @@ async fn no_token_or_part_of_one_reaches_any_log() -> Result<()> {
         .check(&[("authorization", &format!("Basic {good}"))])
         .await?;
 
-    let logs = world.companion.logs();
-    assert!(decisions(&world.companion).len() >= 5, "{logs}");
+    let logs = world.companion.logs().await?;
+    assert!(world.companion.decisions().await?.len() >= 5, "{logs}");
     for token in [&good, &exchanged, &expired, &user] {
         for part in std::iter::once(token.as_str()).chain(token.split('.')) {
             assert!(
@@ -811,8 +806,8 @@ async fn malformed_api_answers_carrying_tokens_are_503_and_never_logged() -> Res
     });
     assert_eq!(denied(&world.check_bearer(&good).await?)?.http, 503);
 
-    assert!(decisions(&world.companion).len() >= 3);
-    let logs = world.companion.logs();
+    assert!(world.companion.decisions().await?.len() >= 3);
+    let logs = world.companion.logs().await?;
     for token in [&good, &minted] {
         assert!(
             !tokensmith_tests::leaks(&logs, token),
@@ -1128,7 +1123,7 @@ async fn with_a_required_label_only_labelled_management_accounts_get_tokens() ->
     pair.management
         .label_service_account("app-prod", "eso-sa", key, None);
     until_status(&companion, &token, 403, Duration::from_secs(3)).await?;
-    let line = decisions(&companion).pop().context("no decision")?;
+    let line = companion.decisions().await?.pop().context("no decision")?;
     assert_eq!(line["reason"], "not_consented", "{line}");
     assert!(
         line.to_string().contains(LABEL_REQUIREMENT),
@@ -1178,7 +1173,7 @@ async fn without_the_right_to_list_accounts_the_companion_never_serves() -> Resu
     let d = denied(&companion.check_bearer(&token).await?)?;
     assert_eq!(d.http, 503, "{d:?}");
     assert_eq!(pair.management.count(Endpoint::TokenRequest), 0);
-    let logs = companion.logs();
+    let logs = companion.logs().await?;
     assert!(
         logs.contains("listing the service accounts labelled for exchange failed")
             && logs.contains("cannot list resource"),

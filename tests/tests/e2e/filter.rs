@@ -127,6 +127,7 @@ async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
         .world
         .companion
         .log_records()
+        .await?
         .into_iter()
         .filter(|r| r["message"] == "check decided")
         .count();

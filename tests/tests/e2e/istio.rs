@@ -22,13 +22,14 @@ use crate::{
 on_both_paths!(header_bytes_that_are_not_utf8_never_stop_correct_decisions);
 
 /// Checks decided by the companion so far.
-fn checks(world: &World) -> usize {
-    world
+async fn checks(world: &World) -> Result<usize> {
+    Ok(world
         .companion
         .log_records()
+        .await?
         .iter()
         .filter(|r| r["message"] == "check decided")
-        .count()
+        .count())
 }
 
 async fn header_bytes_that_are_not_utf8_never_stop_correct_decisions(path: Path) -> Result<()> {
@@ -108,7 +109,7 @@ async fn a_request_for_another_host_passes_untouched_and_costs_no_check(path: Pa
     let seen = stage.upstream.seen();
     assert_eq!(seen.len(), 3);
     assert!(seen.iter().all(|s| s.header("authorization") == theirs));
-    assert_eq!(checks(&stage.world), 0, "no Check for another host");
+    assert_eq!(checks(&stage.world).await?, 0, "no Check for another host");
     assert_eq!(stage.world.workload.count(Endpoint::TokenReview), 0);
     // The management host is still guarded.
     assert_eq!(stage.get(None).await?.status, 401);
@@ -150,7 +151,7 @@ async fn the_shipped_wasm_plugin_answers_repeats_from_its_cache() -> Result<()> 
         ok += worker.await??;
     }
     assert_eq!(ok, REQUESTS);
-    let checks = checks(&stage.world);
+    let checks = checks(&stage.world).await?;
     assert!(
         checks * 20 <= REQUESTS,
         "{checks} Checks for {REQUESTS} requests: more than 5 %"
@@ -224,8 +225,8 @@ async fn two_plugins_in_one_envoy_never_serve_each_others_answers() -> Result<()
         let reply = http::get(addr("b")?, path, &headers).await?;
         assert_eq!(reply.status, 401, "b's companion refuses it");
     }
-    assert_eq!(checks(&a), 1);
-    assert_eq!(checks(&b), 2, "b never answered from a's entry");
+    assert_eq!(checks(&a).await?, 1);
+    assert_eq!(checks(&b).await?, 2, "b never answered from a's entry");
     assert_eq!(upstream.count(), 2);
     Ok(())
 }

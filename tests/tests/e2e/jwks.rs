@@ -115,14 +115,6 @@ async fn keys_loaded(companion: &mut Companion, name: &str) -> Result<Value> {
         .await?)
 }
 
-fn decisions(companion: &Companion) -> Vec<Value> {
-    companion
-        .log_records()
-        .into_iter()
-        .filter(|r| r["message"] == "check decided")
-        .collect()
-}
-
 async fn check(companion: &Companion, token: &str) -> Result<CheckResponse> {
     Ok(companion.check_bearer(token).await?)
 }
@@ -131,13 +123,8 @@ async fn check(companion: &Companion, token: &str) -> Result<CheckResponse> {
 /// management token.
 async fn allowed(companion: &Companion, token: &str, cluster: &str) -> Result<String> {
     let response = check(companion, token).await?;
-    let exchanged = allowed_token(&response).with_context(|| {
-        format!(
-            "decision: {}",
-            decisions(companion).pop().unwrap_or_default()
-        )
-    })?;
-    let line = decisions(companion).pop().context("no decision")?;
+    let line = companion.decisions().await?.pop().context("no decision")?;
+    let exchanged = allowed_token(&response).with_context(|| format!("decision: {line}"))?;
     ensure!(line["decision"] == "allow", "{line}");
     ensure!(line["workload_cluster"] == cluster, "{line}");
     Ok(exchanged)
@@ -149,7 +136,7 @@ async fn refused(companion: &Companion, token: &str, http: i32, reason: &str) ->
     let response = check(companion, token).await?;
     let d = denied(&response)?;
     ensure!(d.http == http, "status {} (wanted {http}): {d:?}", d.http);
-    let line = decisions(companion).pop().context("no decision")?;
+    let line = companion.decisions().await?.pop().context("no decision")?;
     ensure!(line["reason"] == reason, "reason (wanted {reason}): {line}");
     Ok(line)
 }
@@ -292,6 +279,7 @@ async fn a_rotated_key_is_fetched_once_and_old_tokens_work_while_still_published
     assert_eq!(east.count(Endpoint::Jwks), 2);
     let requested = companion
         .log_records()
+        .await?
         .iter()
         .filter(|r| r["message"] == "jwks refresh requested for an unknown kid")
         .count();
@@ -430,7 +418,7 @@ async fn forged_kids_cause_at_most_one_jwks_refresh_per_interval() -> Result<()>
         2,
         "the start-up fetch and a single on-demand refresh"
     );
-    let lines = decisions(&companion);
+    let lines = companion.decisions().await?;
     assert_eq!(lines.len(), 20);
     assert!(lines.iter().all(|l| l["reason"] == "invalid_token"));
     // The real key still works, without another fetch.
@@ -588,7 +576,7 @@ async fn expired_not_yet_valid_and_future_tokens_are_rejected_beyond_the_leeway(
     // Within the 30 s leeway: accepted, and the exchanged token gets the 600 s floor.
     let just_expired = east.mint(&sa).claim("exp", json!(now - 10)).sign();
     allowed(&companion, &just_expired, "east").await?;
-    let line = decisions(&companion).pop().context("decision")?;
+    let line = companion.decisions().await?.pop().context("decision")?;
     assert_eq!(line["requested_lifetime_s"], 600);
     let skewed = east.mint(&sa).not_before(at(now + 10)).sign();
     allowed(&companion, &skewed, "east").await?;
@@ -908,6 +896,7 @@ async fn a_changed_clusters_file_is_reloaded_and_a_bad_one_is_rejected() -> Resu
     allowed(&companion, &east.mint(&east_sa).sign(), "east").await?;
     let rejected = companion
         .log_records()
+        .await?
         .iter()
         .filter(|r| r["message"] == "clusters config rejected; keeping the running config")
         .count();
@@ -938,7 +927,7 @@ async fn legacy_secret_tokens_with_flat_claims_validate_under_the_legacy_issuer(
         scene.management.verify(&m)?.sub,
         "system:serviceaccount:ci:deployer"
     );
-    let line = decisions(&companion).pop().context("decision")?;
+    let line = companion.decisions().await?.pop().context("decision")?;
     assert_eq!(line["uid"], sa.uid.as_str());
     // No exp: the exchanged token lives --token-expiration.
     assert_eq!(line["requested_lifetime_s"], 3600);
@@ -1170,8 +1159,8 @@ async fn no_token_or_part_of_one_reaches_any_log_on_the_jwks_path() -> Result<()
     for token in &tokens[2..] {
         check(&companion, token).await?;
     }
-    let logs = companion.logs();
-    assert!(decisions(&companion).len() >= tokens.len() - 1, "{logs}");
+    let logs = companion.logs().await?;
+    assert!(companion.decisions().await?.len() >= tokens.len() - 1, "{logs}");
     for token in &tokens {
         for part in std::iter::once(token.as_str()).chain(token.split('.')) {
             // Segments shorter than a few characters (`e30`) prove nothing either way.
@@ -1274,7 +1263,7 @@ async fn a_namespace_policy_change_reaches_the_wasm_filter_within_the_companions
     assert_eq!(get().await?.status, 200);
     assert_eq!(get().await?.status, 200);
     assert_eq!(
-        decisions(&companion).len(),
+        companion.decisions().await?.len(),
         1,
         "the second was a filter cache hit"
     );
@@ -1343,7 +1332,7 @@ async fn malformed_jwks_and_discovery_answers_carrying_tokens_are_never_logged()
         let d = denied(&check(&companion, token).await?)?;
         assert_eq!(d.http, 503, "no keys: no verdict");
     }
-    let logs = companion.logs();
+    let logs = companion.logs().await?;
     for token in [&east_token, &west_token] {
         assert!(
             !tokensmith_tests::leaks(&logs, token),

@@ -11,7 +11,7 @@ use tokensmith_tests::{
     tls::TestPki,
 };
 
-use crate::companion::{World, allowed_token, decisions, denied};
+use crate::companion::{World, allowed_token, denied};
 
 /// The companion's `/metrics` text.
 pub(crate) async fn scrape(companion: &Companion) -> Result<String> {
@@ -304,6 +304,7 @@ async fn the_exchange_cache_works_through_envoy() -> Result<()> {
         .world
         .companion
         .log_records()
+        .await?
         .into_iter()
         .filter(|r| r["message"] == "check decided")
         .collect();
@@ -404,7 +405,7 @@ async fn a_hot_identity_is_revalidated_ahead_and_a_revocation_still_shows() -> R
     // 2.5 s after the first verdict, which has expired by now: the refreshed one serves.
     tokio::time::sleep(Duration::from_millis(700)).await;
     allowed_token(&world.check_bearer(&token).await?)?;
-    let last = decisions(&world.companion)
+    let last = world.companion.decisions().await?
         .pop()
         .context("no decision logged")?;
     ensure!(

@@ -487,3 +487,53 @@ fn prevalidation_refuses_junk_and_expired_tokens_before_any_call() {
         DenyReason::InvalidToken
     );
 }
+
+/// Raw JSON segments, for shapes `json!` cannot build (a member given twice).
+fn raw(header: &str, claims: &str) -> String {
+    format!(
+        "{}.{}.{}",
+        b64(header.as_bytes()),
+        b64(claims.as_bytes()),
+        b64(b"sig")
+    )
+}
+
+#[test]
+fn a_member_given_twice_or_null_is_not_taken_for_one_value_or_absent() {
+    let leeway = Duration::from_secs(60);
+    // Two `alg`s: which one a verifier would use is not ours to guess.
+    let twice = raw(r#"{"alg":"none","alg":"RS256"}"#, r#"{"iss":"x"}"#);
+    assert_eq!(
+        detail(header(&twice).map(|_| never())),
+        "header is not JSON"
+    );
+    let two_issuers = raw(
+        r#"{"alg":"RS256"}"#,
+        &format!(r#"{{"iss":"{ISSUER}","iss":"y"}}"#),
+    );
+    assert_eq!(unverified_issuer(&two_issuers), None);
+    assert_eq!(
+        detail(prevalidate(&two_issuers, leeway).map(|()| never())),
+        "payload is not JSON"
+    );
+    // `null` is still present: a null `crit` is a `crit`, a null `kid` not a string.
+    let crit = raw(r#"{"alg":"RS256","crit":null}"#, "{}");
+    assert_eq!(
+        detail(header(&crit).map(|_| never())),
+        "crit header parameter present"
+    );
+    let kid = raw(r#"{"alg":"RS256","kid":null}"#, "{}");
+    assert_eq!(detail(header(&kid).map(|_| never())), "kid is not a string");
+    let exp = raw(r#"{"alg":"RS256"}"#, r#"{"exp":null}"#);
+    assert_eq!(
+        detail(prevalidate(&exp, leeway).map(|()| never())),
+        "exp is not a number"
+    );
+    // Members we do not read may be anything, nested or not.
+    let other = raw(
+        r#"{"alg":"RS256","typ":"JWT","x":{"y":[1,2]}}"#,
+        &format!(r#"{{"iss":"{ISSUER}","kubernetes.io":{{"a":1}},"aud":["b"]}}"#),
+    );
+    assert_eq!(prevalidate(&other, leeway), Ok(()));
+    assert_eq!(unverified_issuer(&other).as_deref(), Some(ISSUER));
+}
