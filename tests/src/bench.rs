@@ -110,6 +110,10 @@ pub struct Measured {
     pub envoy_rss_kib: u64,
     /// See `envoy_rss_kib`; 0 without a companion.
     pub companion_rss_kib: u64,
+    /// CPU seconds (user + system) the shape's Envoy spent during the rounds.
+    pub envoy_cpu_s: f64,
+    /// See `envoy_cpu_s`, for the companion behind it (0 without one).
+    pub companion_cpu_s: f64,
 }
 
 impl Measured {
@@ -160,6 +164,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Measured>, Error> {
                 api_calls: ApiCalls::default(),
                 envoy_rss_kib: 0,
                 companion_rss_kib: 0,
+                envoy_cpu_s: 0.0,
+                companion_cpu_s: 0.0,
             })
             .collect();
         for round in 0..settings.rounds {
@@ -168,8 +174,12 @@ pub async fn run(settings: &Settings) -> Result<Vec<Measured>, Error> {
                 let connections = settings.load.connections as usize;
                 scene.warm(shape, identities, connections).await?;
                 let (checks, calls) = (checks(scene.companion(shape)).await?, scene.api_calls());
+                let companion_pid = scene.companion(shape).and_then(Companion::pid);
+                let cpu = (cpu_s(scene.proxy(shape).pid()), cpu_s(companion_pid));
                 let result =
                     wrk::run(settings.load, scene.proxy(shape).addr, &script, &tokens).await?;
+                m.envoy_cpu_s += cpu_s(scene.proxy(shape).pid()) - cpu.0;
+                m.companion_cpu_s += cpu_s(companion_pid) - cpu.1;
                 m.checks += checks_since(scene.companion(shape), checks).await?;
                 m.api_calls += scene.api_calls() - calls;
                 if result.errors() > 0 {
@@ -209,6 +219,21 @@ async fn checks(companion: Option<&Companion>) -> Result<u64, Error> {
 
 async fn checks_since(companion: Option<&Companion>, before: u64) -> Result<u64, Error> {
     Ok(checks(companion).await?.saturating_sub(before))
+}
+
+/// CPU seconds `pid` has used (user + system; 0 when it cannot be read).
+fn cpu_s(pid: Option<u32>) -> f64 {
+    // /proc/<pid>/stat: fields 14 and 15 (utime, stime) in clock ticks, after the
+    // parenthesised command name, which may hold spaces. Linux's USER_HZ is 100.
+    let ticks = pid
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .and_then(|stat| {
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
 }
 
 /// `VmRSS` of `pid` in KiB (0 when it cannot be read).

@@ -93,7 +93,7 @@ impl Report {
         for &n in &self.settings.identities {
             let _ = writeln!(
                 md,
-                "## {n} identities\n\n| shape | p50 ms | p90 ms | p99 ms | req/s | × no-auth | × its floor | Checks/request | TokenReviews/s | TokenRequests | JWKS fetches | Envoy RSS MiB | companion RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "## {n} identities\n\n| shape | p50 ms | p90 ms | p99 ms | req/s | × no-auth | × its floor | Checks/request | TokenReviews/s | TokenRequests | JWKS fetches | Envoy RSS MiB | companion RSS MiB | Envoy µs CPU/request | companion Checks per CPU-s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for shape in Shape::ALL {
                 let Some(r) = self.find(n, shape) else {
@@ -106,7 +106,7 @@ impl Report {
                 let requests = r.requests().max(1) as f64;
                 let _ = writeln!(
                     md,
-                    "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {:.1} | {} | {} | {:.0} | {} |",
+                    "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {:.1} | {} | {} | {:.0} | {} | {:.0} | {} |",
                     r.shape,
                     r.p50_ms(),
                     r.median(|x| x.p90_us as f64 / 1000.0),
@@ -127,6 +127,12 @@ impl Report {
                         "—".to_owned()
                     } else {
                         format!("{:.0}", r.companion_rss_kib as f64 / 1024.0)
+                    },
+                    1e6 * r.envoy_cpu_s / requests,
+                    if r.companion_cpu_s > 0.0 && r.checks > 0 {
+                        format!("{:.0}", r.checks as f64 / r.companion_cpu_s)
+                    } else {
+                        "—".to_owned()
                     },
                 );
             }
