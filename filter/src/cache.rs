@@ -40,12 +40,14 @@ pub struct Entry {
     pub expiry: u64,
     /// Served until then at the latest (Unix s): stored + min(max age, companion's limit).
     pub not_after: u64,
+    /// From then on (Unix s) a hit also asks for a background refresh: see [`refresh_at`].
+    pub refresh_at: u64,
     /// The header value to set (`Bearer <exchanged token>`).
     pub value: String,
 }
 
-const VERSION: u8 = 2;
-const HEADER_LEN: usize = 1 + 32 + 8 + 8 + 8;
+const VERSION: u8 = 3;
+const HEADER_LEN: usize = 1 + 32 + 8 + 8 + 8 + 8;
 /// How often an insert retries after losing a compare-and-swap race.
 const MAX_ATTEMPTS: usize = 4;
 
@@ -56,6 +58,24 @@ pub fn digest(token: &str) -> Digest {
 
 /// Ways per set.
 pub const WAYS: u32 = 4;
+
+/// The least time (s) between storing an entry and its refresh point, so a companion that
+/// keeps answering with the same exchanged token costs one background Check a second per
+/// worker at most, not one per round trip.
+const MIN_REFRESH_GAP_S: u64 = 1;
+
+/// When an entry stored at `now`, served for `age` seconds, for an exchanged token
+/// expiring at `expiry`, starts asking for a background refresh: `window` before the
+/// exchanged token's expiry, or at 70 % of its age (the companion revalidates its own
+/// verdicts at the same point), whichever comes first; never sooner than a second after
+/// `now`. A refresh point at or past the end of use means no refresh ahead.
+pub fn refresh_at(now: u64, age: u64, expiry: u64, window: u64) -> u64 {
+    let by_expiry = expiry.saturating_sub(window);
+    let by_age = now.saturating_add((age.saturating_mul(7)).div_ceil(10));
+    by_expiry
+        .min(by_age)
+        .max(now.saturating_add(MIN_REFRESH_GAP_S))
+}
 
 /// The slots a digest may occupy among `slots`: the ways of its two candidate sets (from
 /// two independent parts of the digest), the first set's first. With fewer than `WAYS`
@@ -96,14 +116,18 @@ pub fn key(scope: &str, slot: u32) -> String {
 
 impl Entry {
     /// Serialized form: version, digest, workload expiry (0 = none), expiry, not after,
-    /// value.
+    /// refresh point, value.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.value.len());
         out.push(VERSION);
         out.extend_from_slice(&self.digest);
-        out.extend_from_slice(&self.workload_expiry.unwrap_or(0).to_be_bytes());
+        // 0 stands for none: an expiry at the epoch is written as 1 s past it, which is as
+        // long gone for any real clock (else it would read back as no expiry at all).
+        let workload = self.workload_expiry.map_or(0, |w| w.max(1));
+        out.extend_from_slice(&workload.to_be_bytes());
         out.extend_from_slice(&self.expiry.to_be_bytes());
         out.extend_from_slice(&self.not_after.to_be_bytes());
+        out.extend_from_slice(&self.refresh_at.to_be_bytes());
         out.extend_from_slice(self.value.as_bytes());
         out
     }
@@ -117,12 +141,14 @@ impl Entry {
         let workload = u64::from_be_bytes(bytes[33..41].try_into().ok()?);
         let expiry = u64::from_be_bytes(bytes[41..49].try_into().ok()?);
         let not_after = u64::from_be_bytes(bytes[49..57].try_into().ok()?);
+        let refresh_at = u64::from_be_bytes(bytes[57..65].try_into().ok()?);
         let value = String::from_utf8(bytes[HEADER_LEN..].to_vec()).ok()?;
         Some(Entry {
             digest,
             workload_expiry: (workload != 0).then_some(workload),
             expiry,
             not_after,
+            refresh_at,
             value,
         })
     }
@@ -133,14 +159,19 @@ impl Entry {
     }
 
     /// Whether this entry may answer for `digest` at `now`: same token, within its age
-    /// limit, outside the refresh window of the exchanged token, and before the workload
-    /// token's expiry.
-    pub fn serves(&self, digest: &Digest, now: u64, refresh_before_expiry: u64) -> bool {
-        self.digest == *digest
-            && now < self.not_after
-            && now.saturating_add(refresh_before_expiry) < self.expiry
-            && self.workload_expiry.is_none_or(|w| now < w)
+    /// limit, before the exchanged token's expiry, and before the workload token's.
+    pub fn serves(&self, digest: &Digest, now: u64) -> bool {
+        self.digest == *digest && self.alive(now)
     }
+}
+
+/// A serving entry, as a lookup found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// The header value to set.
+    pub value: String,
+    /// Past its refresh point: serve it, and ask the companion again in the background.
+    pub refresh: bool,
 }
 
 /// The cached header value for `digest`, if a serving entry is there.
@@ -149,24 +180,52 @@ pub fn lookup(
     config: &CacheConfig,
     digest: &Digest,
     now: u64,
-) -> Option<String> {
+) -> Option<Hit> {
     if !config.enabled {
         return None;
     }
-    for slot in candidates(digest, config.slots) {
-        let Ok((Some(bytes), _)) = store.load(slot) else {
-            continue;
+    let (_, entry, _) = find(store, config, digest)?;
+    // A token has one entry: this one answers, or nothing does.
+    entry.serves(digest, now).then_some(Hit {
+        refresh: now >= entry.refresh_at,
+        value: entry.value,
+    })
+}
+
+/// The token's own entry among its candidate slots: slot, entry, CAS token.
+fn find(
+    store: &impl SlotStore,
+    config: &CacheConfig,
+    digest: &Digest,
+) -> Option<(u32, Entry, Option<u32>)> {
+    candidates(digest, config.slots)
+        .into_iter()
+        .find_map(|slot| {
+            let Ok((Some(bytes), cas)) = store.load(slot) else {
+                return None;
+            };
+            let entry = Entry::decode(&bytes).filter(|e| e.digest == *digest)?;
+            Some((slot, entry, cas))
+        })
+}
+
+/// Empties the token's entry (the companion refused the token on a background Check:
+/// the next request must be checked again), compare-and-swap like every write.
+pub fn remove(
+    store: &impl SlotStore,
+    config: &CacheConfig,
+    digest: &Digest,
+) -> Result<(), StoreError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let Some((slot, _, cas)) = find(store, config, digest) else {
+            return Ok(());
         };
-        if let Some(entry) = Entry::decode(&bytes)
-            && entry.digest == *digest
-        {
-            // A token has one entry: this one answers, or nothing does.
-            return entry
-                .serves(digest, now, config.refresh_before_expiry.as_secs())
-                .then_some(entry.value);
+        match store.store(slot, &[], cas) {
+            Err(StoreError::CasMismatch) => continue,
+            other => return other,
         }
     }
-    None
+    Err(StoreError::CasMismatch)
 }
 
 /// One candidate slot as read: where, what it holds, its CAS token.
@@ -192,9 +251,10 @@ fn emptier_set(seen: &[Seen], now: u64) -> Option<&Seen> {
 }
 
 /// Stores `entry` (at `now`) among its candidate slots, with compare-and-swap so
-/// concurrent workers never interleave: over the token's own entry, unless that lives and
-/// serves at least as long (then it is kept); else in an empty or expired way; else over
-/// the candidate nearest its end of use. The slot count stays the bound.
+/// concurrent workers never interleave: over the token's own entry, unless that lives,
+/// serves and waits for its refresh at least as long (then it is kept); else in an empty
+/// or expired way; else over the candidate nearest its end of use. The slot count stays
+/// the bound.
 pub fn insert(
     store: &impl SlotStore,
     config: &CacheConfig,
@@ -220,7 +280,10 @@ pub fn insert(
             Some(Seen {
                 entry: Some(existing),
                 ..
-            }) if existing.expiry >= entry.expiry && existing.not_after >= entry.not_after => {
+            }) if existing.expiry >= entry.expiry
+                && existing.not_after >= entry.not_after
+                && existing.refresh_at >= entry.refresh_at =>
+            {
                 return Ok(());
             }
             Some(own) => own,
@@ -313,8 +376,13 @@ pub(crate) mod tests {
             workload_expiry: Some(5000),
             expiry,
             not_after: 10_000,
+            refresh_at: expiry - 60,
             value: format!("Bearer m-{token}"),
         }
+    }
+
+    fn value(store: &MemoryStore, c: &CacheConfig, token: &str, now: u64) -> Option<String> {
+        lookup(store, c, &digest(token), now).map(|hit| hit.value)
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -338,46 +406,70 @@ pub(crate) mod tests {
         // One slot: every token collides, so only the digest keeps them apart.
         let c = config(1);
         insert(&store, &c, &entry("a", 4000), 1000).unwrap();
-        assert_eq!(
-            lookup(&store, &c, &digest("a"), 1000),
-            Some("Bearer m-a".into())
-        );
-        assert_eq!(lookup(&store, &c, &digest("b"), 1000), None);
+        assert_eq!(value(&store, &c, "a", 1000), Some("Bearer m-a".into()));
+        assert_eq!(value(&store, &c, "b", 1000), None);
         insert(&store, &c, &entry("b", 4000), 1000).unwrap();
         assert_eq!(
-            lookup(&store, &c, &digest("a"), 1000),
+            value(&store, &c, "a", 1000),
             None,
             "evicted by the newer exchange"
         );
-        assert_eq!(
-            lookup(&store, &c, &digest("b"), 1000),
-            Some("Bearer m-b".into())
-        );
+        assert_eq!(value(&store, &c, "b", 1000), Some("Bearer m-b".into()));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
-    fn nothing_is_served_inside_the_refresh_window_or_after_the_workload_token_expires() {
+    fn past_its_refresh_point_an_entry_is_served_and_asks_for_a_refresh_until_it_expires() {
         let store = MemoryStore::default();
         let c = config(8);
         insert(&store, &c, &entry("a", 4000), 1000).unwrap();
-        assert!(lookup(&store, &c, &digest("a"), 3939).is_some());
-        assert_eq!(
-            lookup(&store, &c, &digest("a"), 3940),
-            None,
-            "refresh window"
-        );
+        let hit = |now| lookup(&store, &c, &digest("a"), now);
+        assert_eq!(hit(3939).map(|h| h.refresh), Some(false));
+        assert_eq!(hit(3940).map(|h| h.refresh), Some(true), "refresh window");
+        assert_eq!(hit(3999).map(|h| h.refresh), Some(true));
+        assert_eq!(hit(4000), None, "the exchanged token expired");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nothing_is_served_after_the_workload_token_expires() {
+        let c = config(8);
         let short_workload = Entry {
             workload_expiry: Some(2000),
             ..entry("a", 4000)
         };
         let store = MemoryStore::default();
         insert(&store, &c, &short_workload, 1000).unwrap();
-        assert!(lookup(&store, &c, &digest("a"), 1999).is_some());
+        assert!(value(&store, &c, "a", 1999).is_some());
+        assert_eq!(value(&store, &c, "a", 2000), None, "workload token expired");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_refresh_point_is_the_window_or_seven_tenths_of_the_age_and_never_at_once() {
+        assert_eq!(refresh_at(1000, 600, 1700, 60), 1420, "70 % of 600 s");
+        assert_eq!(refresh_at(1000, 600, 1400, 60), 1340, "60 s before expiry");
+        assert_eq!(refresh_at(1000, 10, 5000, 60), 1007);
         assert_eq!(
-            lookup(&store, &c, &digest("a"), 2000),
-            None,
-            "workload token expired"
+            refresh_at(1000, 1, 5000, 60),
+            1001,
+            "a 1 s entry: never ahead"
         );
+        // Stored inside the window already: a second later, not on the next hit.
+        assert_eq!(refresh_at(1000, 60, 1030, 60), 1001);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn removing_empties_the_tokens_entry_only() {
+        let store = MemoryStore::default();
+        let c = config(1);
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
+        remove(&store, &c, &digest("b")).unwrap();
+        assert!(value(&store, &c, "a", 1000).is_some(), "not b's entry");
+        *store.conflicts.borrow_mut() = 1;
+        remove(&store, &c, &digest("a")).unwrap();
+        // The conflicting writer left something that is not a's entry: nothing to remove.
+        assert_eq!(value(&store, &c, "a", 1000), None);
+        insert(&store, &c, &entry("a", 4000), 1000).unwrap();
+        remove(&store, &c, &digest("a")).unwrap();
+        assert_eq!(value(&store, &c, "a", 1000), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -389,15 +481,15 @@ pub(crate) mod tests {
             ..entry("a", 4000)
         };
         insert(&store, &c, &young, 1000).unwrap();
-        assert!(lookup(&store, &c, &digest("a"), 1059).is_some());
-        assert_eq!(lookup(&store, &c, &digest("a"), 1060), None, "too old");
+        assert!(value(&store, &c, "a", 1059).is_some());
+        assert_eq!(value(&store, &c, "a", 1060), None, "too old");
         // A re-check after the age limit stores the same token again, serving longer.
         let renewed = Entry {
             not_after: 1120,
             ..young
         };
         insert(&store, &c, &renewed, 1000).unwrap();
-        assert!(lookup(&store, &c, &digest("a"), 1100).is_some());
+        assert!(value(&store, &c, "a", 1100).is_some());
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -426,7 +518,7 @@ pub(crate) mod tests {
         }
         clear(&store, 4);
         for token in ["a", "b", "c", "d", "e"] {
-            assert_eq!(lookup(&store, &c, &digest(token), 1000), None);
+            assert_eq!(value(&store, &c, token, 1000), None);
         }
     }
 
@@ -437,10 +529,7 @@ pub(crate) mod tests {
         *store.conflicts.borrow_mut() = 2;
         insert(&store, &c, &entry("a", 4000), 1000).unwrap();
         assert_eq!(*store.stores.borrow(), 3);
-        assert_eq!(
-            lookup(&store, &c, &digest("a"), 1000),
-            Some("Bearer m-a".into())
-        );
+        assert_eq!(value(&store, &c, "a", 1000), Some("Bearer m-a".into()));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -453,7 +542,7 @@ pub(crate) mod tests {
             Err(StoreError::CasMismatch)
         );
         assert_eq!(*store.stores.borrow(), MAX_ATTEMPTS);
-        assert_eq!(lookup(&store, &c, &digest("a"), 1000), None);
+        assert_eq!(value(&store, &c, "a", 1000), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -474,7 +563,7 @@ pub(crate) mod tests {
         };
         insert(&store, &c, &entry("a", 4000), 1000).unwrap();
         assert_eq!(*store.stores.borrow(), 0);
-        assert_eq!(lookup(&store, &c, &digest("a"), 1000), None);
+        assert_eq!(value(&store, &c, "a", 1000), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -503,7 +592,7 @@ pub(crate) mod tests {
         }
         let cached = tokens
             .iter()
-            .filter(|t| lookup(&store, &c, &digest(t), 1000).is_some())
+            .filter(|t| value(&store, &c, t, 1000).is_some())
             .count();
         assert_eq!(cached, tokens.len());
     }
@@ -523,7 +612,7 @@ pub(crate) mod tests {
         insert(&store, &c, &entry("e", 10_000), 1000).unwrap();
         let kept: Vec<&str> = ["a", "b", "c", "d", "e"]
             .into_iter()
-            .filter(|t| lookup(&store, &c, &digest(t), 1000).is_some())
+            .filter(|t| value(&store, &c, t, 1000).is_some())
             .collect();
         assert_eq!(kept, ["a", "c", "d", "e"], "b ended soonest");
     }
@@ -542,10 +631,7 @@ pub(crate) mod tests {
         // At 2000, b serves no one: its way is free although d ends sooner than a and c.
         insert(&store, &c, &entry("e", 10_000), 2000).unwrap();
         for token in ["a", "c", "d", "e"] {
-            assert!(
-                lookup(&store, &c, &digest(token), 2000).is_some(),
-                "{token}"
-            );
+            assert!(value(&store, &c, token, 2000).is_some(), "{token}");
         }
     }
 }

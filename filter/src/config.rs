@@ -41,7 +41,8 @@ pub struct CacheConfig {
     pub enabled: bool,
     /// Number of shared-data slots: the cache's bound.
     pub slots: u32,
-    /// An entry is not served this close to its expiry, so a fresh exchange happens first.
+    /// From this close to the exchanged token's expiry a hit also sends a background
+    /// Check, so the next token is there before this one expires.
     pub refresh_before_expiry: Duration,
     /// An entry is served at most this long after it was stored (the companion may ask
     /// for less): how long a revocation or policy change can go unseen here.
@@ -72,7 +73,8 @@ pub struct Config {
 }
 
 /// Longest accepted refresh window: exchanged tokens live at least 600 s (the
-/// TokenRequest minimum), so a window of 600 s or more would never serve an entry.
+/// TokenRequest minimum), so a window of 600 s or more would refresh every entry from
+/// the moment it is stored.
 const MAX_REFRESH_S: u64 = 599;
 /// Most slots: 65,536 × (16 KiB + a header) bounds the shared data at about 1 GiB.
 const MAX_SLOTS: u64 = 65_536;

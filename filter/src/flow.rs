@@ -1,5 +1,6 @@
 //! The per-request state machine, free of host calls: facts in, a `Step` (and the
-//! counters to bump) out. The host layer carries the step out.
+//! counters to bump) out. The host layer carries the step out. What one worker has in
+//! flight (coalesced misses, background refreshes) is one of the facts: `Flights`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -9,6 +10,7 @@ use crate::{
     check::{self, HeaderEdit, Verdict},
     claims,
     config::{Config, FailureMode, OnMissingToken},
+    flights::{Check, Flights, Joined},
     headers::Headers,
     hosts,
     metrics::Counter,
@@ -37,6 +39,19 @@ pub enum Step {
         /// Call deadline.
         timeout: Duration,
     },
+    /// Pause without a Check: another request on this worker asked for the same token,
+    /// and its verdict is this request's too ([`Flights`] holds it as a waiter).
+    Wait,
+}
+
+impl From<Check> for Step {
+    fn from(check: Check) -> Step {
+        Step::Dispatch {
+            message: check.message,
+            metadata: check.metadata,
+            timeout: check.timeout,
+        }
+    }
 }
 
 /// A step and the counters it accounts for.
@@ -51,8 +66,27 @@ pub struct Decision {
 /// What a paused request remembers until the companion answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    digest: Option<Digest>,
-    workload_expiry: Option<u64>,
+    pub(crate) digest: Option<Digest>,
+    pub(crate) workload_expiry: Option<u64>,
+}
+
+impl Pending {
+    /// The digest of the presented token, when it can be cached (and so coalesced).
+    pub fn digest(&self) -> Option<&Digest> {
+        self.digest.as_ref()
+    }
+}
+
+/// Who asks, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// The request's HTTP context.
+    pub context: u32,
+    /// Unix milliseconds now.
+    pub now_ms: u64,
+    /// The downstream address, when the host tells it: the companion shares its
+    /// TokenReview turns by it.
+    pub peer: Option<SocketAddr>,
 }
 
 /// The body the companion sends for these cases, so both paths answer alike.
@@ -60,15 +94,18 @@ const MISSING_TOKEN: &str = "missing bearer token";
 const MALFORMED_TOKEN: &str = "malformed bearer token";
 const UNAVAILABLE: &str = "identity service unavailable";
 
-/// A request's headers have arrived (`now`: Unix seconds) from `peer` (the downstream
-/// address, when the host tells it: the companion shares its TokenReview turns by it).
+/// A request's headers have arrived. A cache hit continues at once (past the entry's
+/// refresh point it also queues one background Check per token on this worker); a miss
+/// dispatches a Check, or waits on the one another request on this worker sent for the
+/// same token.
 pub fn on_request(
     config: &Config,
     headers: &Headers,
     cache: &impl SlotStore,
-    now: u64,
-    peer: Option<SocketAddr>,
+    flights: &mut Flights,
+    arrival: Arrival,
 ) -> (Decision, Option<Pending>) {
+    let now = arrival.now_ms / 1000;
     let mut counters = vec![Counter::Requests];
     if let Some(patterns) = &config.hosts
         && !hosts::in_scope(patterns, headers.values(":authority").next())
@@ -108,10 +145,21 @@ pub fn on_request(
     };
     let token = bearer::token(credential);
     let digest = token.filter(|_| config.cache.enabled).map(cache::digest);
+    let pending = Pending {
+        digest,
+        workload_expiry: token.and_then(claims::expiry),
+    };
     if let Some(d) = &digest {
-        if let Some(value) = cache::lookup(cache, &config.cache, d, now) {
+        if let Some(hit) = cache::lookup(cache, &config.cache, d, now) {
             counters.extend([Counter::CacheHits, Counter::Allowed]);
-            let step = Step::Continue(replace_credential(config, vec![set_authorization(value)]));
+            if hit.refresh {
+                flights.refresh(*d, arrival.now_ms, config.timeout, || {
+                    let check = background_check(config, headers, credential, arrival.peer);
+                    (pending, check)
+                });
+            }
+            let edits = vec![set_authorization(hit.value)];
+            let step = Step::Continue(replace_credential(config, edits));
             return (Decision { step, counters }, None);
         }
         counters.push(Counter::CacheMisses);
@@ -120,16 +168,43 @@ pub fn on_request(
         .iter()
         .filter_map(|name| Some(((*name).to_owned(), headers.text(name)?.to_owned())))
         .collect();
-    let step = Step::Dispatch {
-        message: check::request(config, headers, credential, peer),
+    let check = Check {
+        message: check::request(config, headers, credential, arrival.peer),
         metadata,
         timeout: config.timeout,
     };
-    let pending = Pending {
-        digest,
-        workload_expiry: token.and_then(claims::expiry),
+    let step = match digest {
+        Some(d) => match flights.join(d, arrival.context, arrival.now_ms, pending.clone(), check) {
+            Joined::Lead(check) | Joined::Alone(check) => check.into(),
+            Joined::Wait => {
+                counters.push(Counter::CoalescedWaits);
+                Step::Wait
+            }
+        },
+        None => check.into(),
     };
     (Decision { step, counters }, Some(pending))
+}
+
+/// The Check that refreshes a cached entry in the background. It belongs to no client
+/// request, so it carries no request id and no trace context: the request that noticed
+/// the refresh point is over long before the answer, and a trace or the companion's
+/// decision line would name a request that never waited for it. The peer address stays:
+/// the companion shares TokenReview turns by it, a Check without one would go ahead of
+/// every client past its share, and the client whose traffic keeps this identity hot is
+/// the one whose share should pay for keeping it so.
+fn background_check(
+    config: &Config,
+    headers: &Headers,
+    credential: &str,
+    peer: Option<SocketAddr>,
+) -> Check {
+    let untraced = headers.without(check::TRACE_HEADERS);
+    Check {
+        message: check::request(config, &untraced, credential, peer),
+        metadata: Vec::new(),
+        timeout: config.timeout,
+    }
 }
 
 /// The companion answered: `grpc_status` 0 with `body`, or a gRPC failure (`now`: Unix
@@ -167,6 +242,42 @@ pub fn on_check_reply(
             }
         }
         Err(_) => on_dispatch_failure(config),
+    }
+}
+
+/// A background refresh came back (`grpc_status` 0 with `body`, or a gRPC failure): the
+/// counters to bump. An allow replaces the entry (compare-and-swap, as every write); a
+/// 401 or 403 removes it, so the next request is checked again and a revocation shows; any
+/// other answer (a companion 429 or 503, a timeout, nonsense) leaves the entry to end on
+/// time: an outage of the companion must not empty the cache of identities it still
+/// serves.
+pub fn on_refresh_reply(
+    config: &Config,
+    pending: &Pending,
+    grpc_status: u32,
+    body: Option<&[u8]>,
+    cache: &impl SlotStore,
+    now: u64,
+) -> Vec<Counter> {
+    let verdict = match (grpc_status, body) {
+        (0, Some(body)) => check::verdict(body),
+        _ => return vec![Counter::CacheRefreshErrors],
+    };
+    match verdict {
+        Ok(Verdict::Allow { edits, reuse }) => {
+            remember(config, pending, &edits, reuse, cache, now);
+            Vec::new()
+        }
+        Ok(Verdict::Deny {
+            status: 401 | 403, ..
+        }) => {
+            if let Some(digest) = &pending.digest {
+                // A lost race leaves an entry someone wrote since: theirs to answer for.
+                let _ = cache::remove(cache, &config.cache, digest);
+            }
+            vec![Counter::CacheRefreshDenied]
+        }
+        Ok(Verdict::Deny { .. }) | Err(_) => vec![Counter::CacheRefreshErrors],
     }
 }
 
@@ -237,11 +348,13 @@ fn remember(
     if age == 0 {
         return;
     }
+    let window = config.cache.refresh_before_expiry.as_secs();
     let entry = Entry {
         digest,
         workload_expiry: pending.workload_expiry,
         expiry,
         not_after: now.saturating_add(age),
+        refresh_at: cache::refresh_at(now, age, expiry, window),
         value: value.clone(),
     };
     // A lost race or a full host is not the request's problem: it is allowed either way.

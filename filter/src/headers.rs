@@ -68,9 +68,25 @@ impl Headers {
         std::str::from_utf8(value).ok()
     }
 
+    /// Every pair, in the host's order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
     /// Whether `name` is present.
     pub fn contains(&self, name: &str) -> bool {
         self.values(name).next().is_some()
+    }
+
+    /// These headers less every value of `names`.
+    pub fn without(&self, names: &[&str]) -> Headers {
+        let pairs = self
+            .pairs
+            .iter()
+            .filter(|(k, _)| !names.iter().any(|n| k.eq_ignore_ascii_case(n.as_bytes())))
+            .cloned()
+            .collect();
+        Headers { pairs }
     }
 }
 

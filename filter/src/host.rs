@@ -1,7 +1,8 @@
-//! The only module that names `proxy_wasm`: the root context (configuration, metrics),
-//! the per-request HTTP context, and shared data as the cache's slot store. Each
-//! callback gathers facts, asks `flow`, and carries out the `Step`. Host calls go
-//! through `abi`, which never panics on what the host returns.
+//! The only module that names `proxy_wasm`: the root context (configuration, metrics,
+//! the Checks that must outlive a request), the per-request HTTP context, and shared
+//! data as the cache's slot store. Each callback gathers facts, asks `flow`, and carries
+//! out the `Step`. Host calls go through `abi`, which never panics on what the host
+//! returns.
 
 mod abi;
 mod http;
@@ -26,5 +27,10 @@ fn log(level: Level, id: u32, message: &str) {
 
 /// Unix seconds now, from the host clock.
 fn now() -> u64 {
-    abi::now_nanos().map_or(0, |n| n / 1_000_000_000)
+    now_ms() / 1000
+}
+
+/// Unix milliseconds now, from the host clock.
+fn now_ms() -> u64 {
+    abi::now_nanos().map_or(0, |n| n / 1_000_000)
 }

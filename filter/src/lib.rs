@@ -12,6 +12,7 @@ pub mod cache;
 pub mod check;
 pub mod claims;
 pub mod config;
+pub mod flights;
 pub mod flow;
 pub mod headers;
 pub mod hosts;

@@ -17,11 +17,22 @@ pub enum Counter {
     Errors,
     /// For a host outside `hosts`: passed on untouched.
     OtherHost,
+    /// Background Checks sent for cached entries past their refresh point (at most one
+    /// per token per worker at a time).
+    CacheRefreshes,
+    /// Background Checks that could not be sent, failed, timed out or were answered with
+    /// anything but an allow or a 401/403: the entry is left to end on time.
+    CacheRefreshErrors,
+    /// Background Checks answered 401/403: the entry was removed.
+    CacheRefreshDenied,
+    /// Misses that waited for the Check another request on the same worker sent for the
+    /// same token, instead of sending their own.
+    CoalescedWaits,
 }
 
 impl Counter {
     /// Every counter, in the order the host defines them.
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Requests,
         Counter::CacheHits,
         Counter::CacheMisses,
@@ -29,6 +40,10 @@ impl Counter {
         Counter::Denied,
         Counter::Errors,
         Counter::OtherHost,
+        Counter::CacheRefreshes,
+        Counter::CacheRefreshErrors,
+        Counter::CacheRefreshDenied,
+        Counter::CoalescedWaits,
     ];
 
     /// The metric name.
@@ -41,6 +56,10 @@ impl Counter {
             Counter::Denied => "tokensmith.denied",
             Counter::Errors => "tokensmith.errors",
             Counter::OtherHost => "tokensmith.other_host",
+            Counter::CacheRefreshes => "tokensmith.cache_refreshes",
+            Counter::CacheRefreshErrors => "tokensmith.cache_refresh_errors",
+            Counter::CacheRefreshDenied => "tokensmith.cache_refresh_denied",
+            Counter::CoalescedWaits => "tokensmith.coalesced_waits",
         }
     }
 

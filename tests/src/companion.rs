@@ -320,7 +320,12 @@ impl Companion {
         if self.metrics_addr.is_none() {
             return Ok(());
         }
-        let answered = self.checks_answered().await?;
+        let Ok(answered) = self.checks_answered().await else {
+            // No metrics endpoint any more: the companion has exited, its writer thread
+            // flushed, and the pipe holds the rest; give the reader a moment for it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Ok(());
+        };
         let deadline = tokio::time::Instant::now() + LOG_SETTLE;
         loop {
             let logged = records(&self.logs_now())

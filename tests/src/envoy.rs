@@ -213,8 +213,15 @@ impl Envoy {
         }
     }
 
-    /// Starts Envoy with `config` and waits until it is ready and its listener is bound.
+    /// Starts Envoy with `config` (2 worker threads) and waits until it is ready and its
+    /// listener is bound.
     pub async fn start(config: &Value) -> Result<Self, Error> {
+        Self::start_with_workers(config, 2).await
+    }
+
+    /// [`Envoy::start`] with `workers` worker threads (`--concurrency`): with 1, every
+    /// request meets the same wasm VM, so per-worker filter state shows.
+    pub async fn start_with_workers(config: &Value, workers: u32) -> Result<Self, Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Envoy(e.to_string()))?;
         let path = write_config(dir.path(), config)?;
         let admin_file = dir.path().join("admin-address");
@@ -228,10 +235,9 @@ impl Envoy {
                 "--disable-hot-restart",
                 "--use-dynamic-base-id",
                 "--concurrency",
-                "2",
-                "-l",
-                "info",
-            ]);
+            ])
+            .arg(workers.to_string())
+            .args(["-l", "info"]);
         let mut process = ChildProcess::spawn("envoy", command)?;
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let mut admin = None;

@@ -101,6 +101,8 @@ unsafe extern "C" {
     ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_set_effective_context(context: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 fn ok(status: u32) -> Result<(), HostStatus> {
@@ -191,7 +193,7 @@ pub(super) fn remove_request_header(name: &str) -> Result<(), HostStatus> {
     ok(unsafe { proxy_remove_header_map_value(REQUEST_HEADERS, name.as_ptr(), name.len()) })
 }
 
-/// Answers the client; `headers` in the map encoding.
+/// Answers the client (the effective context's); `headers` in the map encoding.
 pub(super) fn send_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(), HostStatus> {
     let details = "tokensmith";
     ok(unsafe {
@@ -208,7 +210,20 @@ pub(super) fn send_response(status: u32, headers: &[u8], body: &[u8]) -> Result<
     })
 }
 
-/// Resumes the paused request.
+/// Makes `context` the one later host calls act on (headers, resume, local response)
+/// until this callback returns. A context the host no longer has is `BadArgument`.
+pub(super) fn set_effective_context(context: u32) -> Result<(), HostStatus> {
+    ok(unsafe { proxy_set_effective_context(context) })
+}
+
+/// Sets the root context's tick period (0 stops it); called from any context, it is the
+/// root's of this worker.
+pub(super) fn set_tick_period(period: std::time::Duration) -> Result<(), HostStatus> {
+    let millis = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+    ok(unsafe { proxy_set_tick_period_milliseconds(millis) })
+}
+
+/// Resumes the paused request (the effective context's).
 pub(super) fn resume_request() -> Result<(), HostStatus> {
     ok(unsafe { proxy_continue_stream(HTTP_REQUEST) })
 }

@@ -1,8 +1,9 @@
 //! The root context: parses and validates the plugin configuration (refusing to start
 //! on a bad one), defines the counters, scopes the cache, and creates one HTTP context
-//! per request.
+//! per request. On its tick it sends the Checks that must outlive a request (background
+//! refreshes, misses whose first request went away), so their replies come back here.
 
-use std::rc::Rc;
+use std::{cell::RefCell, rc::Rc, time::Duration};
 
 use proxy_wasm::{
     traits::{Context, HttpContext, RootContext},
@@ -11,20 +12,46 @@ use proxy_wasm::{
 
 use super::{
     abi::{self, Buffer, Level},
-    http::RequestContext,
+    http::{RequestContext, answer, dispatch, reply_body},
     log,
     metrics::Metrics,
+    now, now_ms,
     shared_data::SharedData,
 };
-use crate::{cache, check, config::Config};
+use crate::{
+    cache, check,
+    config::Config,
+    flights::{Call, Flights, Job},
+    flow,
+    metrics::Counter,
+};
 
-/// What every request of one configured plugin shares.
+/// How soon the root's tick runs once work is queued for it. Armed only while there is
+/// some, and stopped on the tick that takes it.
+const TICK: Duration = Duration::from_millis(1);
+
+/// What every request of one configured plugin shares (on one worker: each worker has
+/// its own VM, so its own `Plugin`).
 pub(super) struct Plugin {
     pub(super) config: Config,
     /// The `dispatch_grpc_call` target: a serialized GrpcService.
     pub(super) upstream: String,
     pub(super) cache: SharedData,
     pub(super) metrics: Metrics,
+    /// This worker's coalesced misses and background refreshes.
+    pub(super) flights: RefCell<Flights>,
+}
+
+impl Plugin {
+    /// Arms the root's tick when work is queued for it and none is armed.
+    pub(super) fn wake_root(&self) {
+        if self.flights.borrow_mut().arm()
+            && let Err(e) = abi::set_tick_period(TICK)
+        {
+            self.flights.borrow_mut().disarm();
+            log(Level::Error, 0, &format!("cannot arm the tick ({e:?})"));
+        }
+    }
 }
 
 /// The root context of one plugin.
@@ -33,7 +60,105 @@ pub(super) struct Root {
     plugin: Option<Rc<Plugin>>,
 }
 
-impl Context for Root {}
+impl Root {
+    /// Sends one job's Check from here, the root, so its reply comes back here.
+    fn run(plugin: &Plugin, job: Job) {
+        match job {
+            Job::Refresh {
+                digest,
+                pending,
+                check,
+            } => match dispatch(plugin, &check) {
+                Ok(token) => {
+                    plugin
+                        .flights
+                        .borrow_mut()
+                        .sent(token, Call::Refresh { digest, pending });
+                    plugin.metrics.bump(&[Counter::CacheRefreshes]);
+                }
+                Err(status) => {
+                    log(
+                        Level::Warn,
+                        0,
+                        &format!("cannot send a background refresh ({status:?})"),
+                    );
+                    plugin.flights.borrow_mut().refresh_done(&digest);
+                    plugin.metrics.bump(&[Counter::CacheRefreshErrors]);
+                }
+            },
+            Job::Ask {
+                digest,
+                expired,
+                check,
+            } => {
+                let failure = flow::on_dispatch_failure(&plugin.config);
+                for waiter in expired {
+                    answer(plugin, waiter.context, failure.clone());
+                }
+                let Some(check) = check else {
+                    return;
+                };
+                match dispatch(plugin, &check) {
+                    Ok(token) => plugin.flights.borrow_mut().sent(token, Call::Miss(digest)),
+                    Err(status) => {
+                        log(
+                            Level::Error,
+                            0,
+                            &format!("cannot call the companion ({status:?})"),
+                        );
+                        let waiters = plugin.flights.borrow_mut().settle_root(&digest);
+                        for waiter in waiters {
+                            answer(plugin, waiter.context, failure.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        let Some(plugin) = self.plugin.clone() else {
+            return;
+        };
+        let Some(call) = plugin.flights.borrow_mut().answered(token) else {
+            return;
+        };
+        let body = reply_body(0, status, size);
+        match call {
+            Call::Refresh { digest, pending } => {
+                let counters = flow::on_refresh_reply(
+                    &plugin.config,
+                    &pending,
+                    status,
+                    body.as_deref(),
+                    &plugin.cache,
+                    now(),
+                );
+                plugin.flights.borrow_mut().refresh_done(&digest);
+                plugin.metrics.bump(&counters);
+            }
+            Call::Miss(digest) => {
+                let waiters = plugin.flights.borrow_mut().settle_root(&digest);
+                let Some(first) = waiters.first() else {
+                    return;
+                };
+                let decision = flow::on_check_reply(
+                    &plugin.config,
+                    &first.pending,
+                    status,
+                    body.as_deref(),
+                    &plugin.cache,
+                    now(),
+                );
+                for waiter in waiters {
+                    answer(&plugin, waiter.context, decision.clone());
+                }
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _: usize) -> bool {
@@ -74,8 +199,23 @@ impl RootContext for Root {
             config,
             cache,
             metrics: Metrics::define(),
+            flights: RefCell::default(),
         }));
         true
+    }
+
+    fn on_tick(&mut self) {
+        // One tick per wake-up: the next queued job arms it again.
+        if let Err(e) = abi::set_tick_period(Duration::ZERO) {
+            log(Level::Error, 0, &format!("cannot stop the tick ({e:?})"));
+        }
+        let Some(plugin) = self.plugin.clone() else {
+            return;
+        };
+        let jobs = plugin.flights.borrow_mut().take_jobs(now_ms());
+        for job in jobs {
+            Self::run(&plugin, job);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -177,6 +177,28 @@ impl Stage {
         })
     }
 
+    /// The wasm filter on the plain bed, its Envoy on one worker thread: every request
+    /// meets the same VM, so what the filter keeps per worker (coalesced misses,
+    /// background refreshes) is what the test sees.
+    pub async fn start_filter_on_one_worker(
+        extra: &[&str],
+        filter_config: &Value,
+    ) -> Result<Stage> {
+        let world = World::start(extra).await?;
+        let upstream = Upstream::start().await?;
+        let companion = world.companion.addr;
+        let filter = path_filter(Path::Filter, companion, false, filter_config)?;
+        let config = bootstrap(vec![filter], companion, upstream.addr);
+        let envoy = Envoy::start_with_workers(&config, 1).await?;
+        Ok(Stage {
+            world,
+            upstream,
+            envoy,
+            path: Path::Filter,
+            _sidecar: None,
+        })
+    }
+
     pub async fn get(&self, token: Option<&str>) -> Result<HttpResponse> {
         let header = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = header

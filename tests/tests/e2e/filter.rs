@@ -1,17 +1,19 @@
-//! The wasm filter's own cases in a real Envoy (V8): the in-proxy cache, refresh,
-//! configuration errors, and what `failure_mode` does when the companion is away.
+//! The wasm filter's own cases in a real Envoy (V8): the in-proxy cache, its background
+//! refresh, coalesced misses, configuration errors, and what `failure_mode` does when the
+//! companion is away.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 use tokensmith_tests::{
-    Endpoint,
+    Endpoint, Fault,
     envoy::{Envoy, bootstrap, wasm_filter},
     http,
     process::filter_wasm,
     upstream::Upstream,
 };
+use tokio::{io::AsyncWriteExt, time::Instant};
 
 use crate::envoy::{Path, Stage, dead_address};
 
@@ -136,35 +138,204 @@ async fn a_new_workload_token_leads_to_a_new_exchange() -> Result<()> {
     Ok(())
 }
 
+/// The management token the upstream saw on the latest request.
+fn last_forwarded(upstream: &Upstream) -> Result<String> {
+    let seen = upstream.seen().pop().context("upstream called")?;
+    Ok(seen.header("authorization").to_owned())
+}
+
+async fn get_on(connection: &mut http::Connection, header: &str) -> Result<u16> {
+    Ok(connection
+        .get("/", &[("authorization", header)])
+        .await?
+        .status)
+}
+
+/// Past the refresh point a hit is still served at once, with the cached token, while one
+/// background Check (from the worker's root context) fetches the next one; the requests
+/// after it lands carry the new token.
 #[tokio::test]
-async fn an_entry_is_refreshed_before_it_expires() -> Result<()> {
-    // Exchanged tokens live 600 s; with a 597 s refresh window an entry serves ~3 s.
+async fn a_hit_inside_the_refresh_window_is_served_at_once_and_refreshed_in_the_background()
+-> Result<()> {
+    // Exchanged tokens live 600 s; with a 597 s window an entry is fresh for ~3 s.
     let config = json!({"cache": {"refresh_before_expiry_s": 597}});
-    // The companion's own cache off, so the refresh shows as a new management token.
+    // The companion's own exchange cache off, so a refresh shows as a new token.
     let companion = ["--token-expiration", "600", "--cache-max-entries", "0"];
-    let stage = Stage::start_with(Path::Filter, &companion, &config).await?;
-    let token = stage.world.workload_token(Duration::from_secs(3600));
-    assert_eq!(stage.get(Some(&token)).await?.status, 200);
-    assert_eq!(stage.get(Some(&token)).await?.status, 200);
-    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 1);
+    let stage = Stage::start_filter_on_one_worker(&companion, &config).await?;
+    let world = &stage.world;
+    let header = format!("Bearer {}", world.workload_token(Duration::from_secs(3600)));
+    let mut connection = http::Connection::open(stage.envoy.addr).await?;
+    assert_eq!(get_on(&mut connection, &header).await?, 200);
+    let first = last_forwarded(&stage.upstream)?;
+    assert_eq!(world.management.count(Endpoint::TokenRequest), 1);
     // Waiting for the refresh window is the behaviour under test, not a readiness wait.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(stage.get(Some(&token)).await?.status, 200);
-    assert_eq!(stage.world.management.count(Endpoint::TokenRequest), 2);
-    let tokens: Vec<String> = stage
-        .upstream
-        .seen()
-        .iter()
-        .map(|s| s.header("authorization").to_owned())
-        .collect();
-    assert!(
-        tokens[0] == tokens[1],
-        "the second request was a filter cache hit"
+
+    // The next exchange is slow: a request that waited for it would show.
+    let slow = Duration::from_millis(1500);
+    world.management.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenRequest),
+        delay: slow,
+    });
+    let started = Instant::now();
+    assert_eq!(get_on(&mut connection, &header).await?, 200);
+    assert!(started.elapsed() < slow, "the hit waited for the refresh");
+    assert_eq!(
+        last_forwarded(&stage.upstream)?,
+        first,
+        "inside the window the cached token is served"
     );
-    assert!(
-        tokens[1] != tokens[2],
-        "a fresh exchange after the refresh point"
+
+    // Until the background Check lands every hit is served the old token, and none
+    // starts another; then the new token goes upstream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let renewed = loop {
+        assert_eq!(get_on(&mut connection, &header).await?, 200);
+        let forwarded = last_forwarded(&stage.upstream)?;
+        if forwarded != first {
+            break forwarded;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the refresh never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    world
+        .management
+        .verify(renewed.trim_start_matches("Bearer "))?;
+    assert_eq!(world.management.count(Endpoint::TokenRequest), 2);
+    assert_eq!(
+        world.companion.decisions().await?.len(),
+        2,
+        "one background Check"
     );
+    let e = &stage.envoy;
+    assert_eq!(e.stat("wasmcustom.tokensmith.cache_refreshes").await?, 1);
+    assert_eq!(e.stat("wasmcustom.tokensmith.cache_misses").await?, 1);
+    assert_eq!(
+        e.stat("wasmcustom.tokensmith.cache_refresh_errors").await?,
+        0
+    );
+    Ok(())
+}
+
+/// Requests that miss for the same token on one worker while its Check is out wait for
+/// that Check: the companion is asked once, and each request gets the verdict.
+#[tokio::test]
+async fn concurrent_first_requests_for_one_token_on_one_worker_make_one_check() -> Result<()> {
+    const REQUESTS: usize = 8;
+    let stage = Stage::start_filter_on_one_worker(&[], &json!({})).await?;
+    let world = &stage.world;
+    // A slow review keeps the first Check out while the others arrive.
+    world.workload.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenReview),
+        delay: Duration::from_millis(500),
+    });
+    let header = format!("Bearer {}", world.workload_token(Duration::from_secs(3600)));
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..REQUESTS {
+        let (addr, header) = (stage.envoy.addr, header.clone());
+        requests.spawn(async move {
+            let mut connection = http::Connection::open(addr).await?;
+            get_on(&mut connection, &header).await
+        });
+    }
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status??, 200);
+    }
+    assert_eq!(world.companion.decisions().await?.len(), 1, "one Check");
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
+    assert_eq!(world.management.count(Endpoint::TokenRequest), 1);
+    let seen = stage.upstream.seen();
+    assert_eq!(seen.len(), REQUESTS);
+    let first = seen[0].header("authorization");
+    assert!(seen.iter().all(|s| s.header("authorization") == first));
+    world
+        .management
+        .verify(first.trim_start_matches("Bearer "))?;
+    let e = &stage.envoy;
+    assert_eq!(
+        e.stat("wasmcustom.tokensmith.cache_misses").await?,
+        REQUESTS as u64
+    );
+    assert_eq!(
+        e.stat("wasmcustom.tokensmith.coalesced_waits").await?,
+        REQUESTS as u64 - 1
+    );
+    assert_eq!(
+        e.stat("wasmcustom.tokensmith.allowed").await?,
+        REQUESTS as u64
+    );
+    Ok(())
+}
+
+/// The request whose Check others wait on goes away (its client disconnects): its reply
+/// would reach no one, so the worker's root asks again and the waiters still get theirs.
+#[tokio::test]
+async fn waiters_are_answered_when_the_request_they_waited_on_goes_away() -> Result<()> {
+    const WAITERS: u64 = 3;
+    // The first Check is slow enough (3 s of its 5) for Envoy to see the hang-up first.
+    let config = json!({"timeout_ms": 5000});
+    let stage = Stage::start_filter_on_one_worker(&[], &config).await?;
+    let world = &stage.world;
+    world.workload.inject(Fault::Latency {
+        endpoint: Some(Endpoint::TokenReview),
+        delay: Duration::from_secs(3),
+    });
+    let header = format!("Bearer {}", world.workload_token(Duration::from_secs(3600)));
+    let addr = stage.envoy.addr;
+    // Written by hand, so that hanging up really closes the socket.
+    let mut first = tokio::net::TcpStream::connect(addr).await?;
+    let request =
+        format!("GET / HTTP/1.1\r\nhost: mgmt-api.example.com\r\nauthorization: {header}\r\n\r\n");
+    first.write_all(request.as_bytes()).await?;
+    let e = &stage.envoy;
+    // Polled, as neither event has a line to wait for: the filter sent the first Check,
+    // then every waiter joined it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.stat("wasmcustom.tokensmith.cache_misses").await? == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "the first Check never went out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut waiters = tokio::task::JoinSet::new();
+    for _ in 0..WAITERS {
+        let header = header.clone();
+        waiters.spawn(async move {
+            let mut connection = http::Connection::open(addr).await?;
+            get_on(&mut connection, &header).await
+        });
+    }
+    loop {
+        let joined = e.stat("wasmcustom.tokensmith.coalesced_waits").await?;
+        if joined == WAITERS {
+            break;
+        }
+        let hits = e.stat("wasmcustom.tokensmith.cache_hits").await?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{joined} of {WAITERS} waiters joined ({hits} cache hits)"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The first client hangs up before its answer.
+    drop(first);
+    while let Some(status) = waiters.join_next().await {
+        assert_eq!(status??, 200);
+    }
+    assert_eq!(
+        world.companion.decisions().await?.len(),
+        2,
+        "the abandoned Check and the root's"
+    );
+    let seen = stage.upstream.seen();
+    assert_eq!(
+        seen.len(),
+        WAITERS as usize,
+        "the first request never went upstream"
+    );
+    let forwarded = seen[0].header("authorization");
+    assert!(seen.iter().all(|s| s.header("authorization") == forwarded));
+    world
+        .management
+        .verify(forwarded.trim_start_matches("Bearer "))?;
     Ok(())
 }
 
