@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs Debian packages whose command is missing (idempotent), for targets that need
 # them: `install-debian.sh COMMAND[:PACKAGE]...` (PACKAGE defaults to COMMAND).
-# shellcheck (make lint, the kind script's --check) and wrk (make bench) come this way.
+# Used for shellcheck (make lint, the kind script's --check) and wrk (make bench).
 set -euo pipefail
 missing=()
 for wanted in "$@"; do

@@ -68,7 +68,10 @@ async fn main() -> Result<()> {
                 .collect();
             println!("   decision: ALLOW (gRPC status 0), headers to overwrite: {keys:?}\n");
         }
-        _ => anyhow::bail!("the companion denied the demo token:\n{}", companion.logs().await?),
+        _ => anyhow::bail!(
+            "the companion denied the demo token:\n{}",
+            companion.logs().await?
+        ),
     }
 
     let upstream = Upstream::start().await?;

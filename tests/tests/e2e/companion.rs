@@ -190,7 +190,12 @@ async fn exchange_keeps_namespace_and_name_and_uses_the_management_issuer() -> R
     );
     assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
 
-    let line = world.companion.decisions().await?.pop().context("decision")?;
+    let line = world
+        .companion
+        .decisions()
+        .await?
+        .pop()
+        .context("decision")?;
     assert_eq!(line["decision"], "allow");
     assert_eq!(line["namespace"], "app-prod");
     assert_eq!(line["service_account"], "eso-sa");
@@ -558,7 +563,12 @@ async fn an_unreachable_api_server_is_service_unavailable() -> Result<()> {
     let token = world.workload_token(Duration::from_secs(3599));
     let response = world.check_bearer(&token).await?;
     assert_denied(&world, &response, 503, 14, "unavailable").await?;
-    let line = world.companion.decisions().await?.pop().context("decision")?;
+    let line = world
+        .companion
+        .decisions()
+        .await?
+        .pop()
+        .context("decision")?;
     assert_eq!(line["cluster"], "workload");
     assert_eq!(line["level"], "WARN");
     Ok(())
@@ -647,7 +657,12 @@ async fn a_slow_api_server_runs_into_the_kube_timeout() -> Result<()> {
         elapsed < Duration::from_secs(2),
         "answered after {elapsed:?}"
     );
-    let line = world.companion.decisions().await?.pop().context("decision")?;
+    let line = world
+        .companion
+        .decisions()
+        .await?
+        .pop()
+        .context("decision")?;
     assert_eq!(line["cluster"], "workload");
     Ok(())
 }
@@ -673,7 +688,12 @@ async fn envoys_deadline_wins_over_a_longer_kube_timeout() -> Result<()> {
         started.elapsed()
     );
     assert_denied(&world, &response, 503, 14, "deadline_exceeded").await?;
-    let line = world.companion.decisions().await?.pop().context("decision")?;
+    let line = world
+        .companion
+        .decisions()
+        .await?
+        .pop()
+        .context("decision")?;
     assert_eq!(line["cluster"], "management");
     Ok(())
 }

@@ -1160,7 +1160,10 @@ async fn no_token_or_part_of_one_reaches_any_log_on_the_jwks_path() -> Result<()
         check(&companion, token).await?;
     }
     let logs = companion.logs().await?;
-    assert!(companion.decisions().await?.len() >= tokens.len() - 1, "{logs}");
+    assert!(
+        companion.decisions().await?.len() >= tokens.len() - 1,
+        "{logs}"
+    );
     for token in &tokens {
         for part in std::iter::once(token.as_str()).chain(token.split('.')) {
             // Segments shorter than a few characters (`e30`) prove nothing either way.

@@ -405,7 +405,10 @@ async fn a_hot_identity_is_revalidated_ahead_and_a_revocation_still_shows() -> R
     // 2.5 s after the first verdict, which has expired by now: the refreshed one serves.
     tokio::time::sleep(Duration::from_millis(700)).await;
     allowed_token(&world.check_bearer(&token).await?)?;
-    let last = world.companion.decisions().await?
+    let last = world
+        .companion
+        .decisions()
+        .await?
         .pop()
         .context("no decision logged")?;
     ensure!(
