@@ -25,13 +25,20 @@ pub enum DurationError {
     TooLong(String),
 }
 
+/// The most whole seconds in `u64` nanoseconds.
+const MAX_SECONDS: u64 = u64::MAX / 1_000_000_000;
+
 /// A plain number of seconds (`3600`, as the original tool's flags) or a Go duration.
 pub fn parse(text: &str) -> Result<Duration, DurationError> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // The bound of Go durations too, so `N` and `Ns` agree (and a TTL of u64::MAX
+        // seconds cannot overflow the arithmetic done on it later).
         return text
-            .parse()
+            .parse::<u64>()
+            .ok()
+            .filter(|secs| *secs <= MAX_SECONDS)
             .map(Duration::from_secs)
-            .map_err(|_| DurationError::TooLong(text.to_owned()));
+            .ok_or_else(|| DurationError::TooLong(text.to_owned()));
     }
     parse_go(text)
 }
@@ -144,6 +151,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("needs a unit")
+        );
+        assert_eq!(
+            parse("18446744073"),
+            Ok(Duration::from_secs(18_446_744_073))
+        );
+        assert_eq!(
+            parse("18446744074"),
+            Err(DurationError::TooLong("18446744074".into()))
         );
         assert_eq!(
             parse("99999999999999999999999"),
