@@ -12,7 +12,7 @@ for doc in README.md AGENTS.md plan/*.md tests/README.md deploy/README.md docs/*
     path=${path%%:*}          # drop ":line" suffixes
     path=${path%/}
     [ -e "$path" ] || { echo "$doc: \`$path\` does not exist"; status=1; }
-  done < <(grep -oE '`(proto|service|filter|tests|deploy|wasmplugin|plan|scripts|docs|\.ci)/[A-Za-z0-9_./{},-]*`' "$doc" \
+  done < <(grep -oE '`(proto|service|filter|fuzz|tests|deploy|wasmplugin|plan|scripts|docs|\.ci)/[A-Za-z0-9_./{},-]*`' "$doc" \
             | tr -d '`' | grep -v '[{}*]' | sort -u)
 done
 exit $status

@@ -317,6 +317,9 @@ pub fn clear(store: &impl SlotStore, slots: u32) {
     }
 }
 
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties;
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::{cell::RefCell, collections::HashMap, time::Duration};

@@ -14,6 +14,10 @@ pub mod claims;
 pub mod config;
 pub mod flights;
 pub mod flow;
+/// Entry points of the fuzz targets (`fuzz/`) and their corpus replay; not an API.
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod hosts;
 pub mod metrics;

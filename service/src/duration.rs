@@ -169,4 +169,106 @@ mod tests {
             Err(DurationError::TooLong(_))
         ));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const UNITS: [(&str, u128); 4] = [
+            ("ms", 1_000_000),
+            ("s", 1_000_000_000),
+            ("m", 60_000_000_000),
+            ("h", 3_600_000_000_000),
+        ];
+
+        /// A duration as Go prints one: `1h2m3.5s`, `250ms`, `0s`.
+        fn go_format(d: Duration) -> String {
+            if d.is_zero() {
+                return "0s".to_owned();
+            }
+            let (h, m, s) = (d.as_secs() / 3600, d.as_secs() / 60 % 60, d.as_secs() % 60);
+            let mut out = String::new();
+            if h > 0 {
+                out.push_str(&format!("{h}h"));
+            }
+            if h > 0 || m > 0 {
+                out.push_str(&format!("{m}m"));
+            }
+            match d.subsec_nanos() {
+                0 => out.push_str(&format!("{s}s")),
+                n => {
+                    let fraction = format!("{n:09}");
+                    out.push_str(&format!("{s}.{}s", fraction.trim_end_matches('0')));
+                }
+            }
+            out
+        }
+
+        /// One Go term, `1.25m`, and the nanoseconds it stands for (fraction digits past
+        /// nanoseconds dropped, as documented).
+        fn term() -> impl Strategy<Value = (String, u128)> {
+            (
+                0u64..100_000,
+                proptest::option::of("[0-9]{1,12}"),
+                0..UNITS.len(),
+            )
+                .prop_map(|(whole, fraction, unit)| {
+                    let (name, per) = UNITS[unit];
+                    let mut nanos = u128::from(whole) * per;
+                    let mut text = whole.to_string();
+                    if let Some(f) = fraction {
+                        let kept = &f[..f.len().min(18)];
+                        nanos +=
+                            kept.parse::<u128>().unwrap() * per / 10u128.pow(kept.len() as u32);
+                        text = format!("{text}.{f}");
+                    }
+                    (format!("{text}{name}"), nanos)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn a_duration_written_as_go_does_parses_back_exactly(
+                secs in 0u64..=u64::MAX / 1_000_000_000 - 1,
+                nanos in 0u32..1_000_000_000,
+            ) {
+                let d = Duration::new(secs, nanos);
+                prop_assert_eq!(parse_go(&go_format(d)), Ok(d));
+                prop_assert_eq!(parse(&go_format(d)), Ok(d));
+            }
+
+            #[test]
+            fn a_go_duration_is_the_sum_of_its_terms(terms in proptest::collection::vec(term(), 1..6)) {
+                let text: String = terms.iter().map(|(t, _)| t.as_str()).collect();
+                let nanos: u128 = terms.iter().map(|(_, n)| n).sum();
+                let want = Duration::from_nanos(u64::try_from(nanos).unwrap());
+                prop_assert_eq!(parse_go(&text), Ok(want));
+            }
+
+            #[test]
+            fn plain_digits_are_seconds_up_to_the_go_bound(
+                secs in prop_oneof![0..=MAX_SECONDS, MAX_SECONDS..=MAX_SECONDS + 1, any::<u64>()],
+            ) {
+                let text = secs.to_string();
+                if secs <= MAX_SECONDS {
+                    prop_assert_eq!(parse(&text), Ok(Duration::from_secs(secs)));
+                    prop_assert_eq!(parse_go(&format!("{text}s")), Ok(Duration::from_secs(secs)));
+                } else {
+                    prop_assert_eq!(parse(&text), Err(DurationError::TooLong(text.clone())));
+                    let go = parse_go(&format!("{text}s"));
+                    prop_assert!(matches!(go, Err(DurationError::TooLong(_))));
+                }
+            }
+
+            #[test]
+            fn any_text_parses_or_says_why_without_panicking(text in any::<String>()) {
+                if let Err(e) = parse(&text) {
+                    prop_assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+    }
 }

@@ -85,14 +85,19 @@ impl Exchanger {
             )
             .because(deny::describe(&e))
         })?;
-        let status = response.status.filter(|s| !s.token.is_empty()).ok_or(
-            DenyReason::Unavailable(Side::Management)
-                .because("TokenRequest answered without a token"),
-        )?;
-        // The API may shorten what we asked for: trust its timestamp, not our request.
-        let expires_at = SystemTime::from(status.expiration_timestamp.0);
-        Ok(ExchangedToken::new(status.token, expires_at))
+        exchanged(response)
     }
+}
+
+/// The token a TokenRequest answer carries, with the expiry the API server set. An answer
+/// without a token is the management side failing (503), not a verdict on the caller.
+pub fn exchanged(answer: TokenRequest) -> Result<ExchangedToken, Denial> {
+    let status = answer.status.filter(|s| !s.token.is_empty()).ok_or(
+        DenyReason::Unavailable(Side::Management).because("TokenRequest answered without a token"),
+    )?;
+    // The API may shorten what we asked for: trust its timestamp, not our request.
+    let expires_at = SystemTime::from(status.expiration_timestamp.0);
+    Ok(ExchangedToken::new(status.token, expires_at))
 }
 
 #[cfg(test)]
@@ -125,5 +130,81 @@ mod tests {
             bounded_lifetime(HOUR, Some(Duration::ZERO)),
             MIN_TOKEN_LIFETIME
         );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// `--token-expiration` as config accepts it: at least the API minimum (a year at most
+        /// here, far past any real setting).
+        fn configured() -> impl Strategy<Value = Duration> {
+            (MIN_TOKEN_LIFETIME.as_secs()..=365 * 24 * 3600).prop_map(Duration::from_secs)
+        }
+
+        /// What is left of a workload token: none said, already gone, or anything up to two
+        /// years, with sub-second parts.
+        fn remaining() -> impl Strategy<Value = Option<Duration>> {
+            proptest::option::of(prop_oneof![
+                Just(Duration::ZERO),
+                (0u64..=2 * 365 * 24 * 3600, 0u32..1_000_000_000)
+                    .prop_map(|(s, n)| Duration::new(s, n)),
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn the_lifetime_is_never_below_the_api_minimum_nor_above_the_configured_one(
+                configured in configured(),
+                remaining in remaining(),
+            ) {
+                let lifetime = bounded_lifetime(configured, remaining);
+                prop_assert!(lifetime >= MIN_TOKEN_LIFETIME);
+                prop_assert!(lifetime <= configured);
+            }
+
+            #[test]
+            fn the_lifetime_never_outlives_the_workload_token_except_by_the_api_floor(
+                configured in configured(),
+                left in 0u64..=2 * 365 * 24 * 3600,
+            ) {
+                let left = Duration::from_secs(left);
+                let lifetime = bounded_lifetime(configured, Some(left));
+                prop_assert!(lifetime <= left.max(MIN_TOKEN_LIFETIME));
+                if left >= MIN_TOKEN_LIFETIME {
+                    prop_assert!(lifetime <= left);
+                } else {
+                    // Below the floor, the floor is the whole exchanged life.
+                    prop_assert_eq!(lifetime, MIN_TOKEN_LIFETIME);
+                }
+            }
+
+            #[test]
+            fn a_long_lived_or_unbounded_workload_token_gets_the_configured_lifetime(
+                configured in configured(),
+                extra in 0u64..=365 * 24 * 3600,
+            ) {
+                prop_assert_eq!(bounded_lifetime(configured, None), configured);
+                let longer = configured + Duration::from_secs(extra);
+                prop_assert_eq!(bounded_lifetime(configured, Some(longer)), configured);
+            }
+
+            #[test]
+            fn more_workload_life_never_means_a_shorter_exchanged_token(
+                configured in configured(),
+                a in remaining(),
+                b in remaining(),
+            ) {
+                let (Some(a), Some(b)) = (a, b) else { return Ok(()) };
+                let (short, long) = (a.min(b), a.max(b));
+                prop_assert!(
+                    bounded_lifetime(configured, Some(short))
+                        <= bounded_lifetime(configured, Some(long))
+                );
+            }
+        }
     }
 }

@@ -26,6 +26,9 @@ pub mod duration;
 pub mod error;
 pub(crate) mod error_chain;
 pub(crate) mod exchange;
+/// Entry points of the fuzz targets (`fuzz/`) and their corpus replay; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod greet;
 pub(crate) mod identity;
 pub mod jwks;

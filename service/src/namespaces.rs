@@ -255,4 +255,76 @@ mod tests {
         let p = NamespacePolicy::new(Vec::new(), Vec::new(), "ops");
         assert_eq!(p.protected().last().map(String::as_str), Some("ops"));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// The reference: `*` any run, `?` one byte, anything else itself; by recursion.
+        fn reference(pattern: &[u8], text: &[u8]) -> bool {
+            match (pattern.split_first(), text.split_first()) {
+                (None, _) => text.is_empty(),
+                (Some((b'*', rest)), _) => {
+                    (0..=text.len()).any(|skip| reference(rest, &text[skip..]))
+                }
+                (Some(_), None) => false,
+                (Some((&p, rest)), Some((&t, text))) => {
+                    (p == b'?' || p == t) && reference(rest, text)
+                }
+            }
+        }
+
+        /// A namespace: a DNS-1123 label.
+        fn label() -> impl Strategy<Value = String> {
+            "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn a_literal_glob_matches_exactly_itself(pattern in label(), text in label()) {
+                let glob = Glob::new(&pattern).unwrap();
+                prop_assert!(glob.matches(&pattern));
+                prop_assert_eq!(glob.matches(&text), pattern == text);
+            }
+
+            #[test]
+            fn a_star_matches_every_namespace(text in label()) {
+                prop_assert!(Glob::new("*").unwrap().matches(&text));
+            }
+
+            #[test]
+            fn a_prefix_glob_matches_what_starts_with_the_prefix(
+                prefix in "[a-z0-9-]{1,10}",
+                text in label(),
+            ) {
+                let glob = Glob::new(&format!("{prefix}*")).unwrap();
+                prop_assert_eq!(glob.matches(&text), text.starts_with(&prefix));
+                let longer = format!("{prefix}{text}");
+                prop_assert!(glob.matches(&longer));
+            }
+
+            #[test]
+            fn globs_agree_with_the_reference_matcher(
+                // A small alphabet, so matches are frequent and stars overlap.
+                pattern in "[ab*?-]{1,12}",
+                text in "[ab-]{0,14}",
+            ) {
+                let glob = Glob::new(&pattern).unwrap();
+                prop_assert_eq!(glob.matches(&text), reference(pattern.as_bytes(), text.as_bytes()));
+            }
+
+            #[test]
+            fn no_wildcard_opens_a_protected_namespace(
+                allow in proptest::collection::vec("[a-z*?-]{0,8}\\*[a-z*?-]{0,8}", 0..4),
+                protected in proptest::sample::select(PROTECTED_NAMESPACES.to_vec()),
+            ) {
+                let policy = NamespacePolicy::new(globs(&allow.iter().map(String::as_str).collect::<Vec<_>>()), Vec::new(), "tokensmith-system");
+                prop_assert!(policy.admits(protected).is_err());
+                prop_assert!(policy.admits("tokensmith-system").is_err());
+            }
+        }
+    }
 }

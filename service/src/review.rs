@@ -280,39 +280,50 @@ impl Reviewer {
         let response = response.map_err(|e| {
             deny::classify(&e, Side::Workload, None, None).because(deny::describe(&e))
         })?;
-        let status = response.status.unwrap_or_default();
-        // A real API server omits `authenticated` when it rejects a token.
-        if status.authenticated != Some(true) {
-            return Err(Denial {
-                reason: DenyReason::InvalidToken,
-                detail: status.error,
-            });
-        }
-        // An audience-aware API server names the audiences the token is good for; none of
-        // ours means the token is not for us (RFC 8693-style replay across services).
-        if !self.audiences.is_empty() {
-            let granted = status.audiences.unwrap_or_default();
-            if !granted.iter().any(|a| self.audiences.contains(a)) {
-                return Err(DenyReason::InvalidToken.because(format!(
-                    "TokenReview granted audiences {granted:?}, none of {:?}",
-                    self.audiences
-                )));
-            }
-        }
-        let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
-        let service_account = ServiceAccountRef::from_username(&username)            // Usernames identify a principal, they are not credentials.
-            .map_err(|e| DenyReason::from(e).because(format!("user {username:?}")))?;
-        Ok(Validated {
-            identity: WorkloadIdentity {
-                service_account,
-                uid: user.uid.unwrap_or_default(),
-            },
-            expires_at: intended_expiry(token),
-            validated_at: std::time::Instant::now(),
-            from_cache: false,
-        })
+        verdict(response, &self.audiences, token)
     }
+}
+
+/// What a TokenReview answer says about `token`, reviewed for `audiences`: only an
+/// authenticated service account with a valid namespace and name passes, and, when we
+/// asked for audiences, only one granted at least one of them.
+pub fn verdict(
+    answer: TokenReview,
+    audiences: &[String],
+    token: &BearerToken,
+) -> Result<Validated, Denial> {
+    let status = answer.status.unwrap_or_default();
+    // A real API server omits `authenticated` when it rejects a token.
+    if status.authenticated != Some(true) {
+        return Err(Denial {
+            reason: DenyReason::InvalidToken,
+            detail: status.error,
+        });
+    }
+    // An audience-aware API server names the audiences the token is good for; none of
+    // ours means the token is not for us (RFC 8693-style replay across services).
+    if !audiences.is_empty() {
+        let granted = status.audiences.unwrap_or_default();
+        if !granted.iter().any(|a| audiences.contains(a)) {
+            return Err(DenyReason::InvalidToken.because(format!(
+                "TokenReview granted audiences {granted:?}, none of {audiences:?}"
+            )));
+        }
+    }
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    // Usernames identify a principal, they are not credentials.
+    let service_account = ServiceAccountRef::from_username(&username)
+        .map_err(|e| DenyReason::from(e).because(format!("user {username:?}")))?;
+    Ok(Validated {
+        identity: WorkloadIdentity {
+            service_account,
+            uid: user.uid.unwrap_or_default(),
+        },
+        expires_at: intended_expiry(token),
+        validated_at: std::time::Instant::now(),
+        from_cache: false,
+    })
 }
 
 #[derive(Deserialize)]

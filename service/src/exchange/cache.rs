@@ -253,4 +253,31 @@ mod tests {
             "already inside the refresh window"
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn a_cached_token_stops_serving_a_fifth_of_its_life_and_a_minute_before_expiry(
+                life in 0u64..=2 * 365 * 24 * 3600,
+            ) {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+                let life = Duration::from_secs(life);
+                let cached = Cached::new(token(life, now), now);
+                let expires_at = now + life;
+                prop_assert!(cached.serve_until + MIN_MARGIN <= expires_at);
+                prop_assert!(cached.serve_until + life / 5 <= expires_at);
+                prop_assert!(cached.refresh_from <= cached.serve_until);
+                // The margin is no larger than it must be: it leaves 80 % of a long life.
+                if life >= MIN_MARGIN * 5 {
+                    prop_assert_eq!(cached.serve_until, expires_at - life / 5);
+                }
+            }
+        }
+    }
 }

@@ -146,6 +146,29 @@ pub fn is_https_url(url: &str) -> bool {
         .is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty()))
 }
 
+/// The `jwks_uri` of a discovery document fetched from `url` for `issuer`: an absolute
+/// `https://` URL, from a document about that very issuer (OIDC Discovery §4.3).
+pub fn discovered_jwks_uri(
+    document: &Value,
+    issuer: &str,
+    url: &str,
+) -> Result<String, FetchError> {
+    if document.get("issuer").and_then(Value::as_str) != Some(issuer) {
+        return Err(FetchError::IssuerMismatch {
+            url: url.to_owned(),
+            issuer: issuer.to_owned(),
+        });
+    }
+    document
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .filter(|u| is_https_url(u))
+        .map(str::to_owned)
+        .ok_or_else(|| FetchError::NoJwksUri {
+            url: url.to_owned(),
+        })
+}
+
 /// Fetches one cluster's key set.
 pub struct Fetcher {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
@@ -212,19 +235,7 @@ impl Fetcher {
                 }
                 let url = discovery_url(&self.issuer);
                 let document = self.get_json(&url).await?;
-                // OIDC Discovery §4.3: the document must be about the issuer we asked for.
-                if document.get("issuer").and_then(Value::as_str) != Some(self.issuer.as_str()) {
-                    return Err(FetchError::IssuerMismatch {
-                        url,
-                        issuer: self.issuer.clone(),
-                    });
-                }
-                let uri = document
-                    .get("jwks_uri")
-                    .and_then(Value::as_str)
-                    .filter(|u| is_https_url(u))
-                    .ok_or_else(|| FetchError::NoJwksUri { url: url.clone() })?
-                    .to_owned();
+                let uri = discovered_jwks_uri(&document, &self.issuer, &url)?;
                 *self
                     .discovered
                     .lock()
