@@ -58,8 +58,13 @@ pub fn init(level: LogLevel, format: LogFormat) -> LogWriter {
                     .with_span_list(false),
             )
             .init(),
+        // Colours only on a terminal: a log collector would keep the escape codes.
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(writer))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
             .init(),
     }
     LogWriter { _guard: guard }

@@ -63,6 +63,28 @@ impl ClusterPair {
 /// How long a decision line may trail its answer.
 const LOG_SETTLE: Duration = Duration::from_secs(5);
 
+/// The `addr` of a `message` line, in either log format (`"addr":"…"` or `addr=…`).
+fn listening_at(line: &str, message: &str) -> Option<SocketAddr> {
+    if let Ok(record) = serde_json::from_str::<serde_json::Value>(line) {
+        return (record["message"] == message).then(|| record["addr"].as_str()?.parse().ok())?;
+    }
+    let (_, fields) = line.split_once(message)?;
+    let (_, rest) = fields.split_once("addr=")?;
+    rest.split_whitespace()
+        .next()?
+        .trim_matches('"')
+        .parse()
+        .ok()
+}
+
+/// Whether `line` is a decision line, in either log format.
+fn is_decision(line: &str) -> bool {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(record) => record["message"] == "check decided",
+        Err(_) => line.contains(" check decided"),
+    }
+}
+
 fn records(logs: &str) -> Vec<serde_json::Value> {
     logs.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -80,6 +102,8 @@ pub struct Companion {
     pub metrics_addr: Option<SocketAddr>,
     process: ChildProcess,
     channel: Channel,
+    /// The `x-request-id` of the last Check sent through this harness.
+    last_request_id: std::sync::Mutex<Option<String>>,
 }
 
 impl Companion {
@@ -114,13 +138,15 @@ impl Companion {
                     .into_iter()
                     .flatten(),
             )
-            .args([
-                "--log-format",
-                "json",
-                // Tests run in parallel: never the default 0.0.0.0:9090.
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+            // JSON by default (tests read the records); a test may choose text.
+            .args(
+                (!args.iter().any(|a| a.as_ref() == "--log-format"))
+                    .then_some(["--log-format", "json"])
+                    .into_iter()
+                    .flatten(),
+            )
+            // Tests run in parallel: never the default 0.0.0.0:9090.
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(args)
             // Nothing from the developer's environment may steer the test.
             .env_remove("KUBECONFIG")
@@ -133,17 +159,13 @@ impl Companion {
         let mut process = ChildProcess::spawn("tokensmith authz", command)?;
         let addr = process
             .wait_for_line(START_TIMEOUT, |line| {
-                let v: serde_json::Value = serde_json::from_str(line).ok()?;
-                (v["message"] == "ext_authz server listening")
-                    .then(|| v["addr"].as_str()?.parse().ok())?
+                listening_at(line, "ext_authz server listening")
             })
             .await?;
         // Logged before the gRPC listener's line, so it is there by now.
         let metrics_addr = process
             .wait_for_line(START_TIMEOUT, |line| {
-                let v: serde_json::Value = serde_json::from_str(line).ok()?;
-                (v["message"] == "metrics endpoint listening")
-                    .then(|| v["addr"].as_str()?.parse().ok())?
+                listening_at(line, "metrics endpoint listening")
             })
             .await
             .ok();
@@ -157,6 +179,7 @@ impl Companion {
             metrics_addr,
             process,
             channel,
+            last_request_id: std::sync::Mutex::new(None),
         })
     }
 
@@ -237,6 +260,14 @@ impl Companion {
         request: CheckRequest,
         timeout: Option<Duration>,
     ) -> Result<CheckResponse, tonic::Status> {
+        let id = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref()?.http.as_ref())
+            .map(|http| http.id.clone());
+        if let Ok(mut last) = self.last_request_id.lock() {
+            *last = id;
+        }
         let mut request = tonic::Request::new(request);
         if let Some(t) = timeout {
             request.set_timeout(t);
@@ -298,6 +329,29 @@ impl Companion {
             .collect())
     }
 
+    /// The decision line of the last Check sent through this harness, found by its
+    /// `x-request-id` (each is unique), once [`Companion::settled`].
+    pub async fn last_decision(&self) -> Result<serde_json::Value, Error> {
+        let id = self
+            .last_request_id
+            .lock()
+            .ok()
+            .and_then(|last| last.clone())
+            .ok_or_else(|| Error::Process("no Check was sent through the harness".to_owned()))?;
+        let mut found = self
+            .decisions()
+            .await?
+            .into_iter()
+            .filter(|d| d["request_id"] == id.as_str());
+        match (found.next(), found.next()) {
+            (Some(line), None) => Ok(line),
+            (None, _) => Err(Error::Process(format!("no decision line for request {id}"))),
+            (Some(_), Some(_)) => Err(Error::Process(format!(
+                "two decision lines for request {id}"
+            ))),
+        }
+    }
+
     /// Checks answered so far: `tokensmith_checks_total` summed over its labels.
     pub async fn checks_answered(&self) -> Result<u64, Error> {
         let addr = self
@@ -328,10 +382,7 @@ impl Companion {
         };
         let deadline = tokio::time::Instant::now() + LOG_SETTLE;
         loop {
-            let logged = records(&self.logs_now())
-                .iter()
-                .filter(|r| r["message"] == "check decided")
-                .count() as u64;
+            let logged = self.logs_now().lines().filter(|l| is_decision(l)).count() as u64;
             if logged >= answered {
                 return Ok(());
             }
@@ -355,14 +406,58 @@ impl Companion {
     }
 }
 
+impl Drop for Companion {
+    /// Audits the metrics page while the companion still runs (its output is audited by
+    /// the process it runs in).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let Some(page) = self.metrics_addr.and_then(metrics_page) else {
+            return;
+        };
+        if crate::leak_audit::holds_a_piece(&page) {
+            // A failed drop fails the test, which is the point.
+            #[allow(clippy::panic)]
+            {
+                panic!(
+                    "{}",
+                    crate::leak_audit::finding("the companion's /metrics page")
+                );
+            }
+        }
+    }
+}
+
+/// `GET /metrics` without the async runtime (for `Drop`): `None` if the companion has gone.
+fn metrics_page(addr: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: tokensmith\r\n\r\n")
+        .ok()?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).ok()?;
+    Some(page)
+}
+
 /// A CheckRequest as Envoy's ext_authz filter builds it: lower-case header keys, the
 /// pseudo-headers and `x-request-id` included.
 pub fn envoy_like_check(headers: &[(&str, &str)]) -> CheckRequest {
+    // Unique, as Envoy's are: a decision line is found by its id, never by position.
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = format!(
+        "req-{}",
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let mut map: std::collections::HashMap<String, String> = [
         (":method", "GET"),
         (":path", "/api/v1/namespaces/app-prod/secrets"),
         (":authority", "mgmt-api.example.com"),
-        ("x-request-id", "req-1"),
+        ("x-request-id", id.as_str()),
     ]
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -679,6 +679,11 @@ impl FakeCluster {
         self.shared.calls.count(endpoint)
     }
 
+    /// How many requests for `endpoint` have arrived, answered or not (yet).
+    pub fn arrived(&self, endpoint: Endpoint) -> usize {
+        self.shared.calls.arrived(endpoint)
+    }
+
     /// Empties the call log.
     pub fn clear_calls(&self) {
         self.shared.calls.clear();

@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod fake_apiserver;
 pub mod http;
 pub mod istio;
+pub mod leak_audit;
 pub mod manifests;
 pub mod process;
 pub mod tls;
@@ -20,22 +21,6 @@ pub use fake_apiserver::{
 };
 
 use std::{net::SocketAddr, path::PathBuf};
-
-/// How long a piece of a token must be to count as leaked.
-pub const LEAK_WINDOW: usize = 24;
-
-/// Whether `text` holds `token` or any 24-byte piece of it. Say only *whether*, never
-/// where: a failing test must not print the token either.
-pub fn leaks(text: &str, token: &str) -> bool {
-    let bytes = token.as_bytes();
-    if bytes.len() <= LEAK_WINDOW {
-        return text.contains(token);
-    }
-    bytes
-        .windows(LEAK_WINDOW)
-        .filter_map(|w| std::str::from_utf8(w).ok())
-        .any(|piece| text.contains(piece))
-}
 
 /// What can go wrong while setting up or using the harness. Test code usually wraps it in
 /// `anyhow::Result`; library code returns it instead of panicking.

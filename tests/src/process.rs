@@ -163,13 +163,22 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
+        let logs = self.logs();
         if std::thread::panicking() {
             eprintln!(
-                "----- {} output -----\n{}\n----- end of {} -----",
-                self.name,
-                self.logs(),
-                self.name
+                "----- {} output -----\n{logs}\n----- end of {} -----",
+                self.name, self.name
             );
+        } else if crate::leak_audit::holds_a_piece(&logs) {
+            // Every process's output is audited when the test lets go of it: a failed
+            // drop fails the test, which is the point.
+            #[allow(clippy::panic)]
+            {
+                panic!(
+                    "{}",
+                    crate::leak_audit::finding(&format!("the output of {}", self.name))
+                );
+            }
         }
     }
 }

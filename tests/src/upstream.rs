@@ -69,6 +69,31 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
+        if std::thread::panicking() {
+            return;
+        }
+        let leaked = self.seen().into_iter().find_map(|seen| {
+            if crate::leak_audit::holds_a_piece(&seen.path) {
+                return Some("the path".to_owned());
+            }
+            seen.headers
+                .iter()
+                .find(|(name, value)| crate::leak_audit::upstream_header_leaks(name, value))
+                .map(|(name, _)| format!("header `{name}`"))
+        });
+        if let Some(place) = leaked {
+            // The upstream may receive a minted token as `authorization` and nothing else
+            // of any token; a failed drop fails the test.
+            #[allow(clippy::panic)]
+            {
+                panic!(
+                    "{}",
+                    crate::leak_audit::finding(&format!(
+                        "{place} of a request the upstream received"
+                    ))
+                );
+            }
+        }
     }
 }
 

@@ -143,9 +143,23 @@ impl Call {
 #[derive(Debug, Default)]
 pub(crate) struct CallLog {
     calls: Mutex<Vec<Call>>,
+    /// Requests counted as they arrive, before any fault or answer: a test can tell a
+    /// request in flight from one answered.
+    arrivals: Mutex<Vec<Endpoint>>,
 }
 
 impl CallLog {
+    pub(crate) fn arrive(&self, endpoint: Endpoint) {
+        lock(&self.arrivals).push(endpoint);
+    }
+
+    pub(crate) fn arrived(&self, endpoint: Endpoint) -> usize {
+        lock(&self.arrivals)
+            .iter()
+            .filter(|e| **e == endpoint)
+            .count()
+    }
+
     pub(crate) fn push(&self, call: Call) {
         lock(&self.calls).push(call);
     }
@@ -163,6 +177,7 @@ impl CallLog {
 
     pub(crate) fn clear(&self) {
         lock(&self.calls).clear();
+        lock(&self.arrivals).clear();
     }
 }
 

@@ -45,6 +45,7 @@ pub(crate) async fn handle(
         }
         endpoint => endpoint,
     };
+    shared.calls.arrive(endpoint);
     let mut call = Call::new(endpoint, &parts.method, &path);
     let body = Limited::new(body, MAX_BODY)
         .collect()
@@ -398,6 +399,7 @@ fn token_request(
         builder = builder.bound_to_pod(object, &tokens::uuid_v4());
     }
     let token = builder.sign();
+    crate::leak_audit::register_minted(&token);
     let bound = spec
         .bound_object
         .as_ref()

@@ -118,7 +118,10 @@ impl SigningKey {
     /// carries an empty signature that every verifier rejects.
     pub(crate) fn sign_with_header(&self, header: &Header, claims: &Value) -> String {
         match jsonwebtoken::encode(header, claims, &self.encoding) {
-            Ok(token) => token,
+            Ok(token) => {
+                crate::leak_audit::register(&token);
+                token
+            }
             Err(error) => {
                 tracing::error!(%error, key = %self.name, "signing failed; returning an unsigned token");
                 let part = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());

@@ -6,16 +6,6 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use tokensmith_proto::envoy::{
-    config::core::v3::{HeaderValue, HeaderValueOption},
-    service::auth::v3::{
-        CheckRequest, CheckResponse, DeniedHttpResponse,
-        authorization_server::{Authorization, AuthorizationServer},
-        check_response::HttpResponse as CheckHttpResponse,
-    },
-    r#type::v3::HttpStatus,
-};
-use tokensmith_proto::google::rpc::Status;
 use tokensmith_tests::{
     Endpoint, FakeCluster, Fault,
     envoy::{Envoy, ExtAuthz, bootstrap, ext_authz_filter, wasm_filter},
@@ -457,74 +447,41 @@ async fn companion_down_is_503_with_status_on_error_and_envoys_default_would_be_
     Ok(())
 }
 
-/// An ext_authz server that always answers with one fixed denial.
-struct FixedDenial {
-    http: i32,
-    grpc: i32,
-}
-
-#[tonic::async_trait]
-impl Authorization for FixedDenial {
-    async fn check(
-        &self,
-        _: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(Status {
-                code: self.grpc,
-                message: "fixed".into(),
-                details: vec![],
-            }),
-            http_response: Some(CheckHttpResponse::DeniedResponse(DeniedHttpResponse {
-                status: Some(HttpStatus { code: self.http }),
-                headers: vec![HeaderValueOption {
-                    header: Some(HeaderValue {
-                        key: "retry-after".into(),
-                        value: "1".into(),
-                        raw_value: vec![],
-                    }),
-                    ..Default::default()
-                }],
-                body: "fixed denial".into(),
-            })),
-            dynamic_metadata: None,
-        }))
-    }
-}
-
 async fn companion_503_and_429_denials_hold_even_with_fail_open(path: Path) -> Result<()> {
-    // The companion's own 503 (a dependency down) through a fail-open Envoy / filter.
-    let world = World::start(&[]).await?;
+    // The companion's own denials through a fail-open Envoy / filter: its rate limit
+    // (429, RESOURCE_EXHAUSTED; Envoy versions have differed on whether that code is a
+    // denial) and a dependency down (503).
+    let world = World::start(&["--rate-limit", "0.2", "--rate-limit-burst", "1"]).await?;
     let upstream = Upstream::start().await?;
     let front = Front::start(path, world.companion.addr, upstream.addr, true, &json!({})).await?;
     let envoy = &front.envoy;
-    let token = world.workload_token(Duration::from_secs(3600));
-    world.management.inject(Fault::Refuse);
-    let bearer = format!("Bearer {token}");
-    let reply = http::get(envoy.addr, "/", &[("authorization", &bearer)]).await?;
-    assert_eq!(reply.status, 503, "{}", reply.body);
-
-    // 429 with RESOURCE_EXHAUSTED (what the companion's rate limit sends) from a stub
-    // server: Envoy versions have differed on whether that code is a denial.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let stub_addr = listener.local_addr()?;
-    let stub = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AuthorizationServer::new(FixedDenial { http: 429, grpc: 8 }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let front = Front::start(path, stub_addr, upstream.addr, true, &json!({})).await?;
-    let reply = http::get(front.envoy.addr, "/", &[("authorization", "Bearer abc")]).await?;
+    let get = |token: String| async move {
+        http::get(
+            envoy.addr,
+            "/",
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await
+    };
+    let first = get(world.workload_token(Duration::from_secs(3600))).await?;
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Another token of the same identity: a miss in the filter's cache too, so a Check,
+    // and the identity's bucket is empty.
+    let throttled = get(world.workload_token(Duration::from_secs(3600))).await?;
     assert_eq!(
-        (
-            reply.status,
-            reply.body.as_str(),
-            reply.header("retry-after")
-        ),
-        (429, "fixed denial", "1")
+        (throttled.status, throttled.body.as_str()),
+        (429, "too many requests")
     );
-    assert_eq!(upstream.count(), 0, "fail-open must not let these through");
-    stub.abort();
+    let retry_after: u64 = throttled.header("retry-after").parse()?;
+    // One check per 5 s: the wait is what is left of those 5 s, rounded up.
+    assert!((1..=5).contains(&retry_after), "retry-after {retry_after}");
+
+    let other = world.workload.add_service_account("app-prod", "other");
+    world.management.add_service_account("app-prod", "other");
+    world.management.inject(Fault::Refuse);
+    let down = get(world.workload.mint(&other).sign()).await?;
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert_eq!(upstream.count(), 1, "fail-open must not let these through");
     Ok(())
 }
 

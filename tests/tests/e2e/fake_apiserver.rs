@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, header};
 use http_body_util::{BodyExt, Full};
@@ -1015,8 +1015,8 @@ async fn non_loopback_addresses_are_refused() -> Result<()> {
     Ok(())
 }
 
-/// `Some(())` when kubectl runs; `None` (with a note) when it is missing outside CI.
-async fn kubectl_present() -> Result<Option<()>> {
+/// Fails unless kubectl runs: a test the README's command runs never skips.
+async fn kubectl_present() -> Result<()> {
     let found = tokio::process::Command::new("kubectl")
         .args(["version", "--client"])
         .stdout(Stdio::null())
@@ -1024,16 +1024,11 @@ async fn kubectl_present() -> Result<Option<()>> {
         .status()
         .await
         .is_ok_and(|status| status.success());
-    match (found, std::env::var_os("CI").is_some()) {
-        (true, _) => Ok(Some(())),
-        (false, true) => bail!(
-            "kubectl is not on PATH; CI must install it (kubectl v1.32, e.g. from pkgs.k8s.io)"
-        ),
-        (false, false) => {
-            eprintln!("note: kubectl not on PATH, skipping the kubectl checks locally");
-            Ok(None)
-        }
-    }
+    ensure!(
+        found,
+        "kubectl is not on PATH: install kubectl ≥ 1.27 (https://kubernetes.io/docs/tasks/tools/)"
+    );
+    Ok(())
 }
 
 async fn kubectl(cluster: &FakeCluster, args: &[&str]) -> Result<std::process::Output> {
@@ -1052,9 +1047,7 @@ async fn kubectl(cluster: &FakeCluster, args: &[&str]) -> Result<std::process::O
 
 #[tokio::test]
 async fn kubectl_get_sa_lists_it_and_reports_a_missing_one() -> Result<()> {
-    if kubectl_present().await?.is_none() {
-        return Ok(());
-    }
+    kubectl_present().await?;
     let (cluster, _) = workload().await?;
 
     let output = kubectl(&cluster, &["get", "sa", "eso-sa", "-n", "app-prod"]).await?;
@@ -1083,9 +1076,7 @@ async fn kubectl_get_sa_lists_it_and_reports_a_missing_one() -> Result<()> {
 
 #[tokio::test]
 async fn kubectl_create_token_gets_a_verifiable_twenty_minute_token() -> Result<()> {
-    if kubectl_present().await?.is_none() {
-        return Ok(());
-    }
+    kubectl_present().await?;
     let (cluster, sa) = workload().await?;
     let output = kubectl(
         &cluster,

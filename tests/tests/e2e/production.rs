@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use tokensmith_proto::envoy::service::auth::v3::CheckResponse;
 use tokensmith_tests::{
     Endpoint, FakeCluster,
     companion::{Companion, envoy_like_check},
@@ -22,10 +23,9 @@ pub(crate) async fn scrape(companion: &Companion) -> Result<String> {
 }
 
 /// The value of one sample line in the exposition (0 when absent).
-pub(crate) fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -101,7 +101,8 @@ async fn the_exchange_cache_stays_within_its_bound() -> Result<()> {
         if sample(
             &text,
             r#"tokensmith_cache_evictions_total{cache="exchange"}"#,
-        ) >= 4.0
+        )
+        .is_some_and(|evicted| evicted >= 4.0)
         {
             break;
         }
@@ -118,11 +119,17 @@ async fn the_exchange_cache_stays_within_its_bound() -> Result<()> {
 async fn token_reviews_are_cached_for_the_validation_ttl_only() -> Result<()> {
     let world = World::start(&["--validation-cache-ttl", "1s"]).await?;
     let token = world.workload_token(Duration::from_secs(3600));
-    world.check_bearer(&token).await?;
-    world.check_bearer(&token).await?;
+    // Every answer counts, not only the API calls: a cache that answered wrongly
+    // would pass on call counts alone.
+    let allows = |response: CheckResponse| -> Result<()> {
+        world.management.verify(&allowed_token(&response)?)?;
+        Ok(())
+    };
+    allows(world.check_bearer(&token).await?)?;
+    allows(world.check_bearer(&token).await?)?;
     assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    world.check_bearer(&token).await?;
+    allows(world.check_bearer(&token).await?)?;
     assert_eq!(
         world.workload.count(Endpoint::TokenReview),
         2,
@@ -138,10 +145,15 @@ async fn token_reviews_are_cached_for_the_validation_ttl_only() -> Result<()> {
     let foreign = stranger
         .mint(&stranger.add_service_account("app-prod", "eso-sa"))
         .sign();
-    world.check_bearer(&foreign).await?;
-    world.check_bearer(&foreign).await?;
+    let refused = |response: CheckResponse| -> Result<()> {
+        let d = denied(&response)?;
+        ensure!(d.http == 401, "the stranger's token: {d:?}");
+        Ok(())
+    };
+    refused(world.check_bearer(&foreign).await?)?;
+    refused(world.check_bearer(&foreign).await?)?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    world.check_bearer(&foreign).await?;
+    refused(world.check_bearer(&foreign).await?)?;
     assert_eq!(world.workload.count(Endpoint::TokenReview), 4);
     Ok(())
 }
@@ -177,11 +189,13 @@ async fn metrics_count_what_happened() -> Result<()> {
         ("tokensmith_checks_in_flight", 0.0),
     ];
     for (series, value) in want {
-        assert_eq!(sample(&text, series), value, "{series} in:\n{text}");
+        // A series that is missing is a failure, not a zero.
+        assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
     }
-    for part in token.split('.') {
-        assert!(!text.contains(part), "a token segment in /metrics");
-    }
+    assert!(
+        !tokensmith_tests::leak_audit::holds_a_piece(&text),
+        "a piece of a token in /metrics"
+    );
     let addr = world.companion.metrics_addr.context("metrics")?;
     assert_eq!(http::get(addr, "/healthz", &[]).await?.status, 200);
     assert_eq!(http::get(addr, "/readyz", &[]).await?.status, 200);
@@ -405,12 +419,7 @@ async fn a_hot_identity_is_revalidated_ahead_and_a_revocation_still_shows() -> R
     // 2.5 s after the first verdict, which has expired by now: the refreshed one serves.
     tokio::time::sleep(Duration::from_millis(700)).await;
     allowed_token(&world.check_bearer(&token).await?)?;
-    let last = world
-        .companion
-        .decisions()
-        .await?
-        .pop()
-        .context("no decision logged")?;
+    let last = world.companion.last_decision().await?;
     ensure!(
         last["validation_cached"] == true,
         "the check past the first TTL must find the refreshed verdict: {last}"
