@@ -6,7 +6,7 @@ WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
 TOOLS := $(CURDIR)/.tools
 
-.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck wrk demo wasmplugin bench kind-e2e kind-check fuzz
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck wrk demo wasmplugin bench kind-e2e kind-check fuzz mutants
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench: toolchain envoy wrk ## the latency ladder on 127.0.0.1 with wrk, ~10 min;
 FUZZ_SECONDS ?= 60
 fuzz: ## every fuzz target for FUZZ_SECONDS (60) s on nightly; new inputs to target/fuzz, not fuzz/corpus
 	FUZZ_SECONDS=$(FUZZ_SECONDS) TOOLS=$(TOOLS) scripts/fuzz.sh
+
+mutants: toolchain envoy ## plant each known defect in a scratch copy of HEAD and expect the suite to fail (MUTANTS_FLAGS=--quick)
+	scripts/mutants.sh $(MUTANTS_FLAGS)
 
 kind-e2e: ## kind + Istio end to end on a workstation with Docker (tests/kind/kind-e2e.sh; flags: KIND_E2E_FLAGS=--keep)
 	tests/kind/kind-e2e.sh $(KIND_E2E_FLAGS)

@@ -593,6 +593,132 @@ async fn throttling_and_server_errors_are_service_unavailable_without_retries() 
     Ok(())
 }
 
+/// Every way an API server can fail a Check, each run end to end: 503 naming the side,
+/// one call (no retry storm).
+#[tokio::test]
+async fn api_server_failures_on_either_side_are_503_naming_the_side_with_one_call() -> Result<()> {
+    // No caches: every Check reviews and exchanges.
+    let world = World::start(&["--validation-cache-ttl", "0", "--cache-max-entries", "0"]).await?;
+    let token = world.workload_token(Duration::from_secs(3600));
+    let tokenless = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 3600},
+        "status": {"token": "", "expirationTimestamp": "2030-01-01T00:00:00Z"},
+    })
+    .to_string();
+    let status = |endpoint, code| Fault::Status {
+        endpoint: Some(endpoint),
+        code,
+    };
+    let cases = [
+        (
+            "workload",
+            Endpoint::TokenReview,
+            status(Endpoint::TokenReview, 429),
+        ),
+        (
+            "workload",
+            Endpoint::TokenReview,
+            status(Endpoint::TokenReview, 500),
+        ),
+        (
+            "workload",
+            Endpoint::TokenReview,
+            status(Endpoint::TokenReview, 503),
+        ),
+        // Our own credentials refused by the management side: not the caller's fault.
+        (
+            "management",
+            Endpoint::TokenRequest,
+            status(Endpoint::TokenRequest, 401),
+        ),
+        (
+            "management",
+            Endpoint::TokenRequest,
+            Fault::Body {
+                endpoint: Some(Endpoint::TokenRequest),
+                code: 201,
+                body: tokenless,
+            },
+        ),
+    ];
+    for (side, endpoint, fault) in cases {
+        let case = format!("{fault:?}");
+        let cluster = match side {
+            "workload" => &world.workload,
+            _ => &world.management,
+        };
+        cluster.clear_calls();
+        cluster.inject(fault);
+        let response = world.check_bearer(&token).await?;
+        assert_denied(&world, &response, 503, 14, "unavailable")
+            .await
+            .context(case.clone())?;
+        assert_eq!(
+            world.companion.last_decision().await?["cluster"],
+            side,
+            "{case}"
+        );
+        assert_eq!(cluster.count(endpoint), 1, "{case}: one call, no retry");
+        cluster.clear_faults();
+    }
+    allowed_token(&world.check_bearer(&token).await?)?;
+    Ok(())
+}
+
+/// A TokenReview that authenticates a service account whose name is not a valid
+/// Kubernetes name (a buggy or hostile authenticator) maps to nothing: 403, no TokenRequest.
+#[tokio::test]
+async fn an_invalid_service_account_name_from_token_review_is_forbidden() -> Result<()> {
+    let world = World::start(&[]).await?;
+    for username in [
+        "system:serviceaccount:App_Prod:eso-sa",
+        "system:serviceaccount:app-prod:eso-sa/../admin",
+        "system:serviceaccount:app-prod:",
+    ] {
+        world.workload.inject(Fault::Body {
+            endpoint: Some(Endpoint::TokenReview),
+            code: 201,
+            body: serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "status": {"authenticated": true, "user": {"username": username, "uid": "u-1"}},
+            })
+            .to_string(),
+        });
+        let token = world.workload_token(Duration::from_secs(3600));
+        let response = world.check_bearer(&token).await?;
+        assert_denied(&world, &response, 403, 7, "invalid_service_account_name")
+            .await
+            .context(username)?;
+    }
+    assert_eq!(world.management.arrived(Endpoint::TokenRequest), 0);
+    Ok(())
+}
+
+/// A management API server whose certificate the companion's CA does not sign: 503,
+/// and the detail names the handshake (never a token).
+#[tokio::test]
+async fn a_tls_failure_to_an_api_server_is_503() -> Result<()> {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    let pair = ClusterPair::start().await?;
+    let stranger = FakeCluster::start("stranger").await?;
+    let mut kubeconfig: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&pair.minter)?)?;
+    kubeconfig["clusters"][0]["cluster"]["certificate-authority-data"] =
+        STANDARD.encode(stranger.ca_pem()).into();
+    let dir = tempfile::tempdir()?;
+    let minter = dir.path().join("minter.kubeconfig");
+    std::fs::write(&minter, serde_json::to_string(&kubeconfig)?)?;
+    let companion = Companion::start(&pair.reviewer, &minter, &[]).await?;
+    let token = pair.workload.mint(&pair.workload_sa).sign();
+    let d = denied(&companion.check_bearer(&token).await?)?;
+    assert_eq!((d.http, d.grpc), (503, 14), "{d:?}");
+    let line = companion.last_decision().await?;
+    assert_eq!(line["cluster"], "management", "{line}");
+    assert_eq!(pair.management.arrived(Endpoint::TokenRequest), 0);
+    Ok(())
+}
+
 #[tokio::test]
 async fn companion_credentials_refused_by_the_workload_cluster_are_service_unavailable()
 -> Result<()> {

@@ -242,6 +242,20 @@ async fn the_rate_limit_answers_429_past_the_burst() -> Result<()> {
         .1
         .parse()?;
     assert!((1..=10).contains(&retry_after), "retry-after {retry_after}");
+    let line = world.companion.last_decision().await?;
+    ensure!(
+        line["reason"] == "throttled" && line["status"] == 429,
+        "{line}"
+    );
+    let text = scrape(&world.companion).await?;
+    assert_eq!(
+        sample(
+            &text,
+            r#"tokensmith_checks_total{decision="deny",reason="throttled"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
     // Another identity has its own bucket.
     let other = world.workload.add_service_account("app-prod", "other");
     world.management.add_service_account("app-prod", "other");
