@@ -147,6 +147,10 @@ pub(crate) struct Store {
     pub(crate) resource_version: u64,
     /// What service-account watches read.
     pub(crate) changes: watch::Changes,
+    /// Whether anonymous callers may read discovery and the JWKS: kube-apiserver binds
+    /// `system:service-account-issuer-discovery` to `system:serviceaccounts` only, so a
+    /// cluster allows it only after an operator's ClusterRoleBinding.
+    pub(crate) anonymous_issuer_discovery: bool,
 }
 
 impl Store {
@@ -171,6 +175,17 @@ impl Store {
         self.service_accounts
             .get(&(namespace.to_owned(), name.to_owned()))
             .map(|meta| meta.uid.clone())
+    }
+}
+
+impl tokens::Accounts for &Store {
+    fn service_account_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        Store::service_account_uid(self, namespace, name)
+    }
+
+    fn secret_token(&self, namespace: &str, name: &str) -> Option<String> {
+        let (_, data) = self.secrets.get(&(namespace.to_owned(), name.to_owned()))?;
+        data.get("token").cloned()
     }
 }
 
@@ -201,10 +216,7 @@ impl Shared {
         if let Some(caller) = store.callers.get(token) {
             return Some(caller.clone());
         }
-        let authenticated = self
-            .authority
-            .authenticate(token, &[], |ns, name| store.service_account_uid(ns, name))
-            .ok()?;
+        let authenticated = self.authority.authenticate(token, &[], &*store).ok()?;
         let rights = store
             .grants
             .get(&authenticated.user.username)
@@ -682,6 +694,14 @@ impl FakeCluster {
     /// How many requests for `endpoint` have arrived, answered or not (yet).
     pub fn arrived(&self, endpoint: Endpoint) -> usize {
         self.shared.calls.arrived(endpoint)
+    }
+
+    /// Lets anonymous callers read `/.well-known/openid-configuration` and
+    /// `/openid/v1/jwks`, as `kubectl create clusterrolebinding … --clusterrole=
+    /// system:service-account-issuer-discovery --group=system:unauthenticated` does on a
+    /// real cluster (docs/multi-cluster.md). Without it they get 403, as there.
+    pub fn bind_anonymous_issuer_discovery(&self) {
+        lock(&self.shared.store).anonymous_issuer_discovery = true;
     }
 
     /// Empties the call log.

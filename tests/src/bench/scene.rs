@@ -43,6 +43,8 @@ impl Scene {
     pub async fn start(identities: usize, slots: u32) -> Result<Scene, Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Process(e.to_string()))?;
         let workload = FakeCluster::start("workload").await?;
+        // The JWKS shapes fetch keys anonymously, as a cluster allows once bound.
+        workload.bind_anonymous_issuer_discovery();
         let management = FakeCluster::start("management").await?;
         let tokens = mint(&workload, &management, identities).await?;
         let companions = HashMap::from([

@@ -73,18 +73,19 @@ impl Endpoint {
         }
     }
 
-    /// Whether the real API server serves this endpoint without credentials
-    /// (`system:public-info-viewer` and `system:service-account-issuer-discovery`).
+    /// Whether the real API server serves this endpoint without credentials by default
+    /// (`system:public-info-viewer` is bound to `system:unauthenticated`).
     pub fn is_public(self) -> bool {
         matches!(
             self,
-            Endpoint::Version
-                | Endpoint::Healthz
-                | Endpoint::Readyz
-                | Endpoint::Livez
-                | Endpoint::OpenIdConfiguration
-                | Endpoint::Jwks
+            Endpoint::Version | Endpoint::Healthz | Endpoint::Readyz | Endpoint::Livez
         )
+    }
+
+    /// Issuer discovery (`system:service-account-issuer-discovery`): any authenticated
+    /// caller here, anonymous ones only once bound.
+    pub fn is_issuer_discovery(self) -> bool {
+        matches!(self, Endpoint::OpenIdConfiguration | Endpoint::Jwks)
     }
 }
 

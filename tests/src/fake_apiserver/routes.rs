@@ -104,7 +104,19 @@ async fn respond(
     };
     let caller = match credential {
         Credential::Invalid => return status(Status::unauthorized()),
-        Credential::Anonymous if !endpoint.is_public() => return status(Status::unauthorized()),
+        Credential::Anonymous
+            if endpoint.is_issuer_discovery()
+                && !lock(&shared.store).anonymous_issuer_discovery =>
+        {
+            return status(Status::forbidden_path(
+                "system:anonymous",
+                "get",
+                parts.uri.path(),
+            ));
+        }
+        Credential::Anonymous if !endpoint.is_public() && !endpoint.is_issuer_discovery() => {
+            return status(Status::unauthorized());
+        }
         Credential::Anonymous => None,
         Credential::Caller(caller) => Some(caller),
     };
@@ -260,11 +272,7 @@ fn token_review(
 
     let outcome = {
         let store = lock(&shared.store);
-        shared
-            .authority
-            .authenticate(token, &audiences, |ns, name| {
-                store.service_account_uid(ns, name)
-            })
+        shared.authority.authenticate(token, &audiences, &*store)
     };
     // Real `status` is all omitempty: a rejection has no `authenticated` key at all.
     let review_status = match outcome {

@@ -101,6 +101,16 @@ impl Status {
         )
     }
 
+    /// 403 for a non-resource URL such as `/openid/v1/jwks`.
+    pub fn forbidden_path(user: &str, verb: &str, path: &str) -> Status {
+        Status::failure(
+            403,
+            "Forbidden",
+            format!("forbidden: User \"{user}\" cannot {verb} path \"{path}\""),
+            Some(Details::default()),
+        )
+    }
+
     /// 403 for a named object, e.g. `namespaces "app"` or `serviceaccounts "eso-sa"` (with an
     /// optional subresource such as `token`). `namespace` is `None` for cluster-scoped objects.
     pub fn forbidden_named(

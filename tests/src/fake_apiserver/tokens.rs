@@ -34,6 +34,23 @@ const EC_FIXTURE_KEY: &str = include_str!("../../fixtures/ec-signing-key-0.pem")
 /// The issuer kube-apiserver puts in legacy secret-based tokens.
 pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
+/// What authentication looks up in the cluster's objects.
+pub(crate) trait Accounts {
+    /// The uid of a service account that exists.
+    fn service_account_uid(&self, namespace: &str, name: &str) -> Option<String>;
+    /// The `token` a Secret holds, if it exists.
+    fn secret_token(&self, _namespace: &str, _name: &str) -> Option<String> {
+        None
+    }
+}
+
+/// Service accounts only (no Secrets): a uid lookup.
+impl<F: Fn(&str, &str) -> Option<String>> Accounts for F {
+    fn service_account_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self(namespace, name)
+    }
+}
+
 /// How many fixture signing keys exist; valid indexes are `0..SIGNING_KEYS`.
 pub const SIGNING_KEYS: usize = FIXTURE_KEYS.len();
 
@@ -275,12 +292,13 @@ impl Authority {
     }
 
     /// Authenticates `token` for `requested` audiences (empty = the API audiences), looking the
-    /// service account up with `uid_of(namespace, name)` as kube-apiserver does.
+    /// service account (and, for a legacy token, its Secret) up in `accounts` as
+    /// kube-apiserver does.
     pub(crate) fn authenticate(
         &self,
         token: &str,
         requested: &[String],
-        uid_of: impl Fn(&str, &str) -> Option<String>,
+        accounts: impl Accounts,
     ) -> Result<Authenticated, Rejection> {
         let requested: Vec<String> = if requested.is_empty() {
             self.api_audiences.clone()
@@ -289,7 +307,11 @@ impl Authority {
         };
         let issuer = unverified_issuer(token).ok_or_else(Rejection::unrecognised)?;
         if issuer == self.issuer {
-            self.authenticate_service_account(token, &requested, uid_of)
+            self.authenticate_service_account(token, &requested, |ns, name| {
+                accounts.service_account_uid(ns, name)
+            })
+        } else if issuer == LEGACY_ISSUER {
+            self.authenticate_legacy(token, &requested, accounts)
         } else if issuer == self.user_issuer {
             self.authenticate_user(token, requested)
         } else {
@@ -365,6 +387,70 @@ impl Authority {
                 ],
                 extra,
                 service_account: Some((namespace.to_owned(), name.to_owned())),
+            },
+            audiences: granted,
+        })
+    }
+
+    /// A legacy Secret-based token, as kube-apiserver's legacy authenticator (with
+    /// `--service-account-lookup`, the default) checks it: the signature, the Secret it
+    /// names still holding this very token, the service account and its uid. It names no
+    /// audience, so it is good for the API audiences only.
+    fn authenticate_legacy(
+        &self,
+        token: &str,
+        requested: &[String],
+        accounts: impl Accounts,
+    ) -> Result<Authenticated, Rejection> {
+        let claims = self.verify_published(token)?;
+        let flat = |claim: &str| {
+            claims[format!("kubernetes.io/serviceaccount/{claim}")]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (namespace, name) = (flat("namespace"), flat("service-account.name"));
+        let secret = flat("secret.name");
+        if accounts.secret_token(&namespace, &secret).as_deref() != Some(token) {
+            return Err(Rejection::because(format!(
+                "token has been invalidated: secrets \"{secret}\" not found or changed"
+            )));
+        }
+        let granted: Vec<String> = self
+            .api_audiences
+            .iter()
+            .filter(|a| requested.contains(a))
+            .cloned()
+            .collect();
+        if granted.is_empty() {
+            return Err(Rejection::because(format!(
+                "token audiences {} is invalid for the target audiences {}",
+                go_quoted(&self.api_audiences),
+                go_quoted(requested)
+            )));
+        }
+        let Some(uid) = accounts.service_account_uid(&namespace, &name) else {
+            return Err(Rejection::because(format!(
+                "serviceaccounts \"{name}\" not found"
+            )));
+        };
+        let claimed_uid = flat("service-account.uid");
+        if uid != claimed_uid {
+            return Err(Rejection::because(format!(
+                "service account UID ({uid}) does not match claim ({claimed_uid})"
+            )));
+        }
+        Ok(Authenticated {
+            user: UserInfo {
+                username: format!("system:serviceaccount:{namespace}:{name}"),
+                uid: Some(uid),
+                groups: vec![
+                    "system:serviceaccounts".to_owned(),
+                    format!("system:serviceaccounts:{namespace}"),
+                    "system:authenticated".to_owned(),
+                ],
+                extra: BTreeMap::new(),
+                service_account: Some((namespace, name)),
             },
             audiences: granted,
         })

@@ -450,15 +450,29 @@ async fn the_discovered_issuer_refuses_other_issuers_before_a_review_and_admits_
     assert_denied(&world, &response, 401, 16, "unknown_issuer").await?;
     assert_eq!(world.workload.count(Endpoint::TokenReview), 0);
     // Legacy Secret-based tokens carry `kubernetes/serviceaccount`: the API server
-    // decides (this fake, like clusters that cleaned them up, refuses them).
+    // decides. It accepts one while its Secret holds it, and refuses it once the Secret
+    // is gone (as clusters that cleaned them up do).
     let legacy = world
         .workload
         .mint(&world.workload_sa)
         .legacy("eso-sa-token-x7k2p")
         .sign();
-    let response = world.check_bearer(&legacy).await?;
+    world
+        .workload
+        .add_secret("app-prod", "eso-sa-token-x7k2p", &[("token", &legacy)]);
+    let exchanged = allowed_token(&world.check_bearer(&legacy).await?)?;
+    assert_eq!(
+        world.management.verify(&exchanged)?.sub,
+        "system:serviceaccount:app-prod:eso-sa"
+    );
+    let orphan = world
+        .workload
+        .mint(&world.workload_sa)
+        .legacy("eso-sa-token-deleted")
+        .sign();
+    let response = world.check_bearer(&orphan).await?;
     assert_denied(&world, &response, 401, 16, "invalid_token").await?;
-    assert_eq!(world.workload.count(Endpoint::TokenReview), 1);
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 2);
     Ok(())
 }
 
@@ -663,6 +677,40 @@ async fn api_server_failures_on_either_side_are_503_naming_the_side_with_one_cal
         cluster.clear_faults();
     }
     allowed_token(&world.check_bearer(&token).await?)?;
+    Ok(())
+}
+
+/// The identity is what the TokenReview says, not what the token claims: an
+/// authenticator (a webhook, a renamed account) may map a token to another user, and
+/// the API server is the authority in TokenReview mode.
+#[tokio::test]
+async fn the_reviewed_username_not_the_tokens_claims_names_the_identity() -> Result<()> {
+    let world = World::start(&[]).await?;
+    let other = world
+        .workload
+        .add_service_account("app-prod", "reviewed-as");
+    world
+        .management
+        .add_service_account("app-prod", "reviewed-as");
+    world.workload.inject(Fault::Body {
+        endpoint: Some(Endpoint::TokenReview),
+        code: 201,
+        body: serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "status": {"authenticated": true, "user": {
+                "username": "system:serviceaccount:app-prod:reviewed-as", "uid": other.uid,
+            }},
+        })
+        .to_string(),
+    });
+    let token = world.workload_token(Duration::from_secs(3600));
+    let exchanged = allowed_token(&world.check_bearer(&token).await?)?;
+    assert_eq!(
+        world.management.verify(&exchanged)?.sub,
+        "system:serviceaccount:app-prod:reviewed-as"
+    );
+    let line = world.companion.last_decision().await?;
+    assert_eq!(line["service_account"], "reviewed-as", "{line}");
     Ok(())
 }
 

@@ -366,14 +366,29 @@ async fn missing_or_unknown_bearer_tokens_get_the_exact_401_status() -> Result<(
     let reply = api.get("/version", Some("nobody-knows-me")).await?;
     assert_eq!(reply.status, 401);
 
-    for path in [
-        "/version",
-        "/healthz",
-        "/readyz",
-        "/livez",
-        "/.well-known/openid-configuration",
-        "/openid/v1/jwks",
-    ] {
+    for path in ["/version", "/healthz", "/readyz", "/livez"] {
+        assert_eq!(api.get(path, None).await?.status, 200, "{path}");
+    }
+    // Issuer discovery: service accounts and other authenticated callers may read it,
+    // anonymous ones only once an operator binds it to system:unauthenticated.
+    let admin = cluster.admin_token().to_owned();
+    for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+        let reply = api.get(path, None).await?;
+        assert_eq!(
+            (reply.status, reply.json()["message"].as_str()),
+            (
+                403,
+                Some(
+                    format!("forbidden: User \"system:anonymous\" cannot get path \"{path}\"")
+                        .as_str()
+                )
+            ),
+            "{path}"
+        );
+        assert_eq!(api.get(path, Some(&admin)).await?.status, 200, "{path}");
+    }
+    cluster.bind_anonymous_issuer_discovery();
+    for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
         assert_eq!(api.get(path, None).await?.status, 200, "{path}");
     }
     Ok(())
@@ -747,6 +762,7 @@ async fn service_accounts_and_namespaces_read_as_objects_tables_or_404() -> Resu
 #[tokio::test]
 async fn issuer_discovery_serves_the_key_that_signs_tokens() -> Result<()> {
     let (cluster, sa) = workload().await?;
+    cluster.bind_anonymous_issuer_discovery();
     let mut api = Api::connect(&cluster).await?;
 
     let config = api

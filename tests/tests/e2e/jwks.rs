@@ -103,8 +103,17 @@ impl Scene {
 }
 
 /// A workload cluster signing with RSA fixture `key` (distinct keys keep clusters apart).
+/// A workload cluster whose keys anonymous callers may read: the ClusterRoleBinding
+/// docs/multi-cluster.md asks for (a cluster refuses them without it).
 async fn workload(name: &str, key: usize) -> Result<FakeCluster> {
-    Ok(FakeCluster::builder(name).signing_key(key).start().await?)
+    published(FakeCluster::builder(name).signing_key(key)).await
+}
+
+/// Starts `builder`'s cluster with anonymous issuer discovery bound.
+async fn published(builder: tokensmith_tests::FakeClusterBuilder) -> Result<FakeCluster> {
+    let cluster = builder.start().await?;
+    cluster.bind_anonymous_issuer_discovery();
+    Ok(cluster)
 }
 
 async fn keys_loaded(companion: &mut Companion, name: &str) -> Result<Value> {
@@ -605,6 +614,44 @@ async fn oversize_tokens_are_refused_before_parsing() -> Result<()> {
     Ok(())
 }
 
+/// A real cluster refuses anonymous key reads until an operator binds issuer discovery
+/// to `system:unauthenticated`: the companion says so (HTTP 403, in the warning the
+/// troubleshooting table names) and answers 503, not 401, until the keys load.
+#[tokio::test]
+async fn without_the_anonymous_discovery_binding_keys_are_refused_and_checks_are_503() -> Result<()>
+{
+    let scene = Scene::new().await?;
+    let east = FakeCluster::builder("east").signing_key(1).start().await?;
+    let sa = east.add_service_account("app-prod", "eso-sa");
+    scene.grant("app-prod", "eso-sa");
+    let config = scene.write(
+        "clusters.yaml",
+        &[scene.jwks_entry(&east, "  refresh_interval: 1s\n")?],
+    )?;
+    let mut companion = Companion::start_with_args(&scene.args(&config, &[])).await?;
+    let warning = companion
+        .wait_for_log(LOG_WAIT, |r| {
+            r["workload_cluster"] == "east"
+                && r["level"] == "WARN"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.ends_with("/openid/v1/jwks: HTTP 403"))
+        })
+        .await?;
+    ensure!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("jwks")),
+        "{warning}"
+    );
+    let token = east.mint(&sa).sign();
+    ensure!(denied(&check(&companion, &token).await?)?.http == 503);
+    east.bind_anonymous_issuer_discovery();
+    keys_loaded(&mut companion, "east").await?;
+    allowed(&companion, &token, "east").await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_failing_jwks_endpoint_keeps_the_cached_keys_in_service() -> Result<()> {
     let scene = Scene::new().await?;
@@ -951,10 +998,7 @@ async fn legacy_secret_tokens_with_flat_claims_validate_under_the_legacy_issuer(
 #[tokio::test]
 async fn es256_tokens_verify_against_an_ec_key_set() -> Result<()> {
     let scene = Scene::new().await?;
-    let east = FakeCluster::builder("east")
-        .ec_signing_key()
-        .start()
-        .await?;
+    let east = published(FakeCluster::builder("east").ec_signing_key()).await?;
     let sa = east.add_service_account("app-prod", "eso-sa");
     scene.grant("app-prod", "eso-sa");
     assert_eq!(east.jwks()["keys"][0]["kty"], "EC");
@@ -969,11 +1013,7 @@ async fn es256_tokens_verify_against_an_ec_key_set() -> Result<()> {
 #[tokio::test]
 async fn discovery_finds_the_jwks_uri_through_the_issuer() -> Result<()> {
     let scene = Scene::new().await?;
-    let east = FakeCluster::builder("east")
-        .signing_key(1)
-        .issuer_is_url()
-        .start()
-        .await?;
+    let east = published(FakeCluster::builder("east").signing_key(1).issuer_is_url()).await?;
     let sa = east.add_service_account("app-prod", "eso-sa");
     scene.grant("app-prod", "eso-sa");
     let entry = format!(
@@ -1306,11 +1346,7 @@ async fn a_namespace_policy_change_reaches_the_wasm_filter_within_the_companions
 #[tokio::test]
 async fn malformed_jwks_and_discovery_answers_carrying_tokens_are_never_logged() -> Result<()> {
     let scene = Scene::new().await?;
-    let east = FakeCluster::builder("east")
-        .signing_key(1)
-        .issuer_is_url()
-        .start()
-        .await?;
+    let east = published(FakeCluster::builder("east").signing_key(1).issuer_is_url()).await?;
     let west = workload("west", 3).await?;
     let east_sa = east.add_service_account("app-prod", "eso-sa");
     let west_sa = west.add_service_account("app-prod", "eso-sa");
