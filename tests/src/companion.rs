@@ -447,10 +447,12 @@ fn metrics_page(addr: SocketAddr) -> Option<String> {
 /// A CheckRequest as Envoy's ext_authz filter builds it: lower-case header keys, the
 /// pseudo-headers and `x-request-id` included.
 pub fn envoy_like_check(headers: &[(&str, &str)]) -> CheckRequest {
-    // Unique, as Envoy's are: a decision line is found by its id, never by position.
+    // Unique, as Envoy's are: a decision line is found by its id, never by position, and
+    // no constant a companion could log instead is ever one of them.
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = format!(
-        "req-{}",
+        "req-{}-{}",
+        std::process::id(),
         NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let mut map: std::collections::HashMap<String, String> = [

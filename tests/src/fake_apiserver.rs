@@ -717,7 +717,8 @@ impl FakeCluster {
     /// Plays `fault` until cleared, replacing an earlier fault of the same kind and scope.
     /// `Fault::Refuse` also drops the connections already open.
     pub fn inject(&self, fault: Fault) {
-        let refuse = fault == Fault::Refuse;
+        // Neither lets a kept-alive connection carry on.
+        let refuse = matches!(fault, Fault::Refuse | Fault::NotTls);
         self.shared.faults.inject(fault);
         if refuse {
             self.shared.drop_connections.notify_one();
@@ -754,6 +755,10 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>
                         drop(stream);
                         continue;
                     }
+                    if shared.faults.not_tls() {
+                        connections.spawn(answer_in_plain_text(stream));
+                        continue;
+                    }
                     connections.spawn(serve_connection(stream, acceptor.clone(), shared.clone()));
                 }
                 Err(error) => {
@@ -765,6 +770,15 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>
             () = shared.drop_connections.notified() => connections.abort_all(),
         }
     }
+}
+
+/// What a plain-HTTP listener says to a TLS ClientHello, then hangs up.
+async fn answer_in_plain_text(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream
+        .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+        .await;
+    let _ = stream.shutdown().await;
 }
 
 async fn serve_connection(

@@ -37,6 +37,9 @@ pub enum Fault {
     },
     /// Accept TCP connections and drop them at once, before TLS: clients see a reset or EOF.
     Refuse,
+    /// Accept TCP connections and answer the TLS handshake with plain text: clients see a
+    /// handshake failure (a proxy or load balancer in the way that does not speak TLS).
+    NotTls,
 }
 
 /// What applies to one request.
@@ -68,6 +71,12 @@ impl Faults {
         lock(&self.inner)
             .iter()
             .any(|fault| matches!(fault, Fault::Refuse))
+    }
+
+    pub(crate) fn not_tls(&self) -> bool {
+        lock(&self.inner)
+            .iter()
+            .any(|fault| matches!(fault, Fault::NotTls))
     }
 
     pub(crate) fn plan(&self, endpoint: Endpoint) -> Plan {
@@ -120,7 +129,7 @@ fn same_slot(a: &Fault, b: &Fault) -> bool {
         (Fault::Latency { endpoint: x, .. }, Fault::Latency { endpoint: y, .. }) => x == y,
         (Fault::Status { endpoint: x, .. }, Fault::Status { endpoint: y, .. }) => x == y,
         (Fault::Body { endpoint: x, .. }, Fault::Body { endpoint: y, .. }) => x == y,
-        (Fault::Refuse, Fault::Refuse) => true,
+        (Fault::Refuse, Fault::Refuse) | (Fault::NotTls, Fault::NotTls) => true,
         _ => false,
     }
 }

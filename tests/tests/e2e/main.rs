@@ -7,6 +7,7 @@ mod deploy;
 mod doctor;
 mod envoy;
 mod fake_apiserver;
+mod faults;
 mod filter;
 mod inprocess;
 mod istio;

@@ -135,6 +135,13 @@ async fn token_reviews_are_cached_for_the_validation_ttl_only() -> Result<()> {
         2,
         "the TTL has passed"
     );
+    // Revoked (its service account deleted): refused once the TTL has passed, not served
+    // from what was remembered.
+    world.workload.delete_service_account("app-prod", "eso-sa");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let d = denied(&world.check_bearer(&token).await?)?;
+    ensure!(d.http == 401, "a revoked token after the TTL: {d:?}");
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 3);
     // A rejection (of a well-formed token of the right issuer that the API server does
     // not accept: signed with keys it never published) is kept for at most a second.
     let stranger = tokensmith_tests::FakeCluster::builder("stranger")
@@ -154,7 +161,7 @@ async fn token_reviews_are_cached_for_the_validation_ttl_only() -> Result<()> {
     refused(world.check_bearer(&foreign).await?)?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     refused(world.check_bearer(&foreign).await?)?;
-    assert_eq!(world.workload.count(Endpoint::TokenReview), 4);
+    assert_eq!(world.workload.count(Endpoint::TokenReview), 5);
     Ok(())
 }
 

@@ -1,0 +1,391 @@
+//! Faults under load, through a real Envoy on both paths (plan/008). Four clients send
+//! a steady stream for six seconds: real tokens of eight identities (some never seen
+//! before, so caches miss) and forged ones (the workload issuer, a key it never
+//! published). One second in, a fault starts on an API server; two seconds later it
+//! stops. Every case asserts:
+//!
+//! - no forged token is ever let through, and every 200 carries the caller's own
+//!   management token (the upstream echoes what it received);
+//! - only the documented statuses: 200 or 503 for a real token, 401 or 503 for a forged
+//!   one (dependency trouble is 503, never 401, 403 or 500);
+//! - at most one API call per Check on each side (kube's retries are off: no storm);
+//! - every real token is allowed again within [`RECOVERY`] of the fault's end;
+//! - the harness's leak audit: no piece of a workload token upstream or in any log.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use tokensmith_tests::{Endpoint, FakeCluster, Fault, ServiceAccount, http, upstream::Seen};
+use tokio::time::Instant;
+
+use crate::envoy::{Path, Stage};
+
+/// How long after a fault ends every real token must be allowed again.
+const RECOVERY: Duration = Duration::from_secs(2);
+const FAULT_AT: Duration = Duration::from_secs(1);
+const FAULT_FOR: Duration = Duration::from_secs(2);
+const RUN_FOR: Duration = Duration::from_secs(6);
+const CLIENTS: usize = 4;
+const IDENTITIES: usize = 8;
+
+/// What goes wrong, and on which API server.
+#[derive(Debug, Clone, Copy)]
+enum Trouble {
+    WorkloadDown,
+    ManagementDown,
+    /// TokenReviews answered after 3 s: past the 2 s budget of both paths.
+    WorkloadSlow,
+    /// 429 with `Retry-After` on every TokenRequest.
+    ManagementThrottling,
+    /// 500 on every TokenReview.
+    WorkloadFailing,
+    /// The management API server up and down every 150 ms.
+    ManagementFlapping,
+    /// Something in front of the workload API server that does not speak TLS.
+    WorkloadNotTls,
+}
+
+/// One request's outcome: when it began and ended (since the start), whether its token
+/// was real, the status, and what the upstream echoed for a 200.
+struct Outcome {
+    at: Duration,
+    ended: Duration,
+    real: Option<usize>,
+    status: u16,
+    echoed: Option<Seen>,
+}
+
+/// One load at a time in the test binary: two cores are shared with the rest of the
+/// suite, and the timings below are about faults, not about contention.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs the load through `path` with `trouble` in the middle, and checks the outcomes.
+async fn under_load(path: Path, trouble: Trouble) -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // Short validation TTL and no exchange cache: the load keeps reaching both API
+    // servers, so the fault is felt.
+    let flags = ["--validation-cache-ttl", "1s", "--cache-max-entries", "0"];
+    let stage = Stage::start(path, &flags).await?;
+    let world = &stage.world;
+    let accounts: Vec<ServiceAccount> = (0..IDENTITIES)
+        .map(|i| {
+            let name = format!("load-{i}");
+            world.management.add_service_account("app-prod", &name);
+            world.workload.add_service_account("app-prod", &name)
+        })
+        .collect();
+    let stranger = FakeCluster::builder("stranger")
+        .issuer(world.workload.issuer())
+        .signing_key(3)
+        .start()
+        .await?;
+    let stranger_sa = stranger.add_service_account("app-prod", "load-0");
+    // Tokens minted before the run (signing is not what is measured): a few per identity
+    // for reuse, and fresh ones handed out once each.
+    let reused: Vec<String> = accounts
+        .iter()
+        .map(|sa| world.workload.mint(sa).sign())
+        .collect();
+    // Few: RS256 signing in a debug build costs tens of milliseconds. With a 1 s
+    // validation TTL and no exchange cache, reused tokens reach both API servers too.
+    let fresh: Vec<(usize, String)> = (0..40)
+        .map(|n| {
+            (
+                n % IDENTITIES,
+                world.workload.mint(&accounts[n % IDENTITIES]).sign(),
+            )
+        })
+        .collect();
+    let forged: Vec<String> = (0..40)
+        .map(|_| stranger.mint(&stranger_sa).sign())
+        .collect();
+    // Every path warm (Envoy's connections, the companion's clients) before the clock.
+    for token in &reused {
+        let reply = http::get(
+            stage.envoy.addr,
+            "/",
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await?;
+        ensure!(
+            reply.status == 200,
+            "warm-up: {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    let warm = stage.upstream.count();
+    let fresh = Arc::new(Mutex::new(fresh));
+    let start = Instant::now();
+    let addr = stage.envoy.addr;
+
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let (reused, fresh, forged) = (reused.clone(), fresh.clone(), forged.clone());
+        clients.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut n = client;
+            while start.elapsed() < RUN_FOR {
+                n += CLIENTS;
+                let (real, token) = match n % 5 {
+                    0 => (None, forged[n / 5 % forged.len()].clone()),
+                    1 | 3 => match fresh.lock().ok().and_then(|mut f| f.pop()) {
+                        Some((i, token)) => (Some(i), token),
+                        None => (Some(n % IDENTITIES), reused[n % IDENTITIES].clone()),
+                    },
+                    _ => (Some(n % IDENTITIES), reused[n % IDENTITIES].clone()),
+                };
+                let bearer = format!("Bearer {token}");
+                let at = start.elapsed();
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    http::get(addr, "/", &[("authorization", &bearer)]),
+                )
+                .await
+                .context("a request hung")??;
+                let echoed = (reply.status == 200)
+                    .then(|| serde_json::from_str::<Seen>(&reply.body))
+                    .transpose()?;
+                outcomes.push(Outcome {
+                    at,
+                    ended: start.elapsed(),
+                    real,
+                    status: reply.status,
+                    echoed,
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(outcomes)
+        }));
+    }
+
+    tokio::time::sleep_until(start + FAULT_AT).await;
+    let (cluster, endpoint) = match trouble {
+        Trouble::WorkloadDown
+        | Trouble::WorkloadSlow
+        | Trouble::WorkloadFailing
+        | Trouble::WorkloadNotTls => (&world.workload, Endpoint::TokenReview),
+        Trouble::ManagementDown | Trouble::ManagementThrottling | Trouble::ManagementFlapping => {
+            (&world.management, Endpoint::TokenRequest)
+        }
+    };
+    let fault = match trouble {
+        Trouble::WorkloadDown | Trouble::ManagementDown | Trouble::ManagementFlapping => {
+            Fault::Refuse
+        }
+        Trouble::WorkloadSlow => Fault::Latency {
+            endpoint: Some(endpoint),
+            delay: Duration::from_secs(3),
+        },
+        Trouble::ManagementThrottling => Fault::Status {
+            endpoint: Some(endpoint),
+            code: 429,
+        },
+        Trouble::WorkloadFailing => Fault::Status {
+            endpoint: Some(endpoint),
+            code: 500,
+        },
+        Trouble::WorkloadNotTls => Fault::NotTls,
+    };
+    let fault_ends = start + FAULT_AT + FAULT_FOR;
+    if let Trouble::ManagementFlapping = trouble {
+        let mut down = false;
+        while Instant::now() < fault_ends {
+            down = !down;
+            if down {
+                cluster.inject(fault.clone());
+            } else {
+                cluster.clear_faults();
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    } else {
+        cluster.inject(fault);
+        tokio::time::sleep_until(fault_ends).await;
+    }
+    cluster.clear_faults();
+    let cleared = start.elapsed();
+
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.extend(client.await??);
+    }
+    let case = format!("{path:?}, {trouble:?}");
+    check(world, &accounts, &outcomes, cleared).context(case.clone())?;
+
+    // At most one call per Check on each side: a retry storm would multiply them.
+    stage.world.companion.settled().await?;
+    let checks = stage.world.companion.checks_answered().await?;
+    for (side, endpoint) in [
+        (&world.workload, Endpoint::TokenReview),
+        (&world.management, Endpoint::TokenRequest),
+    ] {
+        let calls = side.arrived(endpoint);
+        ensure!(
+            calls as u64 <= checks,
+            "{case}: {calls} {endpoint:?} calls for {checks} Checks"
+        );
+    }
+    let requests = outcomes.len();
+    // A slow API server holds each request for the 2 s budget: fewer, but still a load.
+    ensure!(
+        requests >= 40,
+        "{case}: only {requests} requests in {RUN_FOR:?}"
+    );
+    let upstream = stage.upstream.count() - warm;
+    let allowed = outcomes.iter().filter(|o| o.status == 200).count();
+    ensure!(
+        upstream == allowed,
+        "{case}: {upstream} requests upstream, {allowed} allowed"
+    );
+    Ok(())
+}
+
+fn check(
+    world: &crate::companion::World,
+    accounts: &[ServiceAccount],
+    outcomes: &[Outcome],
+    cleared: Duration,
+) -> Result<()> {
+    let mut statuses: BTreeMap<(bool, u16), usize> = BTreeMap::new();
+    for outcome in outcomes {
+        *statuses
+            .entry((outcome.real.is_some(), outcome.status))
+            .or_default() += 1;
+        match outcome.real {
+            None => ensure!(
+                matches!(outcome.status, 401 | 503),
+                "a forged token got {} at {:?}",
+                outcome.status,
+                outcome.at
+            ),
+            Some(identity) => {
+                ensure!(
+                    matches!(outcome.status, 200 | 503),
+                    "a real token got {} at {:?}",
+                    outcome.status,
+                    outcome.at
+                );
+                if let Some(seen) = &outcome.echoed {
+                    let token = seen
+                        .header("authorization")
+                        .strip_prefix("Bearer ")
+                        .context("no bearer upstream")?;
+                    let claims = world.management.verify(token)?;
+                    let want =
+                        format!("system:serviceaccount:app-prod:{}", accounts[identity].name);
+                    ensure!(
+                        claims.sub == want,
+                        "{want}'s request went upstream as {}",
+                        claims.sub
+                    );
+                }
+                // Over before the fault began, or begun once it had been over a while.
+                let calm = outcome.ended < FAULT_AT || outcome.at >= cleared + RECOVERY;
+                ensure!(
+                    !calm || outcome.status == 200,
+                    "a real token got {} at {:?}, outside the fault (ended at {cleared:?}, \
+                     recovery {RECOVERY:?}): {statuses:?}",
+                    outcome.status,
+                    outcome.at
+                );
+            }
+        }
+    }
+    // The fault was felt: some real token was refused while it lasted.
+    ensure!(
+        statuses.get(&(true, 503)).is_some_and(|n| *n > 0),
+        "no 503 during the fault: {statuses:?}"
+    );
+    Ok(())
+}
+
+/// Runs each trouble through the ext_authz and the filter path, as two tests.
+macro_rules! through_both_paths {
+    ($($name:ident: $trouble:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn through_ext_authz() -> anyhow::Result<()> {
+                super::under_load(super::Path::ExtAuthz, super::Trouble::$trouble).await
+            }
+            #[tokio::test]
+            async fn through_the_wasm_filter() -> anyhow::Result<()> {
+                super::under_load(super::Path::Filter, super::Trouble::$trouble).await
+            }
+        }
+    )*};
+}
+
+through_both_paths!(
+    workload_api_down: WorkloadDown,
+    management_api_down: ManagementDown,
+    workload_api_slow: WorkloadSlow,
+    management_api_throttling_with_retry_after: ManagementThrottling,
+    workload_api_failing_with_500: WorkloadFailing,
+    management_api_flapping: ManagementFlapping,
+    workload_api_behind_something_that_does_not_speak_tls: WorkloadNotTls,
+);
+
+/// A gateway restart loses the filter's in-proxy cache: every identity comes back at
+/// once as a miss. The companion's own caches absorb the burst: one Check per identity,
+/// no call to either API server.
+#[tokio::test]
+async fn an_envoy_restart_is_absorbed_by_the_companions_caches() -> Result<()> {
+    const BURST: usize = 20;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let world = crate::companion::World::start(&[]).await?;
+    let upstream = tokensmith_tests::upstream::Upstream::start().await?;
+    let filter = crate::envoy::path_filter(
+        Path::Filter,
+        world.companion.addr,
+        false,
+        &serde_json::json!({}),
+    )?;
+    let config =
+        tokensmith_tests::envoy::bootstrap(vec![filter], world.companion.addr, upstream.addr);
+    let tokens: Vec<String> = (0..BURST)
+        .map(|i| {
+            let name = format!("burst-{i}");
+            world.management.add_service_account("app-prod", &name);
+            let sa = world.workload.add_service_account("app-prod", &name);
+            world.workload.mint(&sa).sign()
+        })
+        .collect();
+    // Every identity at once, as the clients of a restarted gateway come back.
+    let all_allowed = |addr: std::net::SocketAddr| {
+        let mut requests = tokio::task::JoinSet::new();
+        for token in tokens.clone() {
+            requests.spawn(async move {
+                http::get(addr, "/", &[("authorization", &format!("Bearer {token}"))]).await
+            });
+        }
+        async move {
+            while let Some(reply) = requests.join_next().await {
+                let reply = reply??;
+                ensure!(reply.status == 200, "{} {}", reply.status, reply.body);
+            }
+            anyhow::Ok(())
+        }
+    };
+    let first = tokensmith_tests::envoy::Envoy::start(&config).await?;
+    all_allowed(first.addr).await?;
+    drop(first);
+    world.workload.clear_calls();
+    world.management.clear_calls();
+    let checks_before = world.companion.checks_answered().await?;
+
+    let restarted = tokensmith_tests::envoy::Envoy::start(&config).await?;
+    all_allowed(restarted.addr).await?;
+    let checks = world.companion.checks_answered().await? - checks_before;
+    ensure!(
+        checks == BURST as u64,
+        "{checks} Checks for {BURST} identities"
+    );
+    ensure!(world.workload.arrived(Endpoint::TokenReview) == 0);
+    ensure!(world.management.arrived(Endpoint::TokenRequest) == 0);
+    Ok(())
+}
