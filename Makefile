@@ -6,7 +6,7 @@ WASM := target/wasm32-wasip1/wasm/tokensmith_filter.wasm
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"/\1/p;}' Cargo.lock)
 TOOLS := $(CURDIR)/.tools
 
-.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck wrk demo wasmplugin bench kind-e2e kind-check fuzz mutants
+.PHONY: help toolchain build lint fmt test test-wasm wasm-bindgen envoy shellcheck wrk demo wasmplugin bench soak kind-e2e kind-check fuzz mutants
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,11 @@ bench: toolchain envoy wrk ## the latency ladder on 127.0.0.1 with wrk, ~10 min;
 	$(CARGO) build --release --locked --workspace --bins
 	$(CARGO) build --locked --target wasm32-wasip1 --profile wasm -p tokensmith-filter -p tokensmith-noop-filter
 	target/release/tokensmith-bench $(BENCH_FLAGS)
+
+soak: toolchain envoy wrk ## both paths at a fixed pace for 10 min with 10,000 identities; RSS and open files flat (SOAK_FLAGS=--seconds 120)
+	$(CARGO) build --locked --release --workspace --bins
+	$(CARGO) build --locked --target wasm32-wasip1 --profile wasm -p tokensmith-filter -p tokensmith-noop-filter
+	target/release/tokensmith-soak $(SOAK_FLAGS)
 
 # Nightly only; `make test` replays the committed corpora on stable instead.
 FUZZ_SECONDS ?= 60

@@ -4,6 +4,7 @@
 
 pub mod report;
 pub mod scene;
+pub mod soak;
 pub mod wrk;
 
 use std::time::Duration;
@@ -222,7 +223,7 @@ async fn checks_since(companion: Option<&Companion>, before: u64) -> Result<u64,
 }
 
 /// CPU seconds `pid` has used (user + system; 0 when it cannot be read).
-fn cpu_s(pid: Option<u32>) -> f64 {
+pub(crate) fn cpu_s(pid: Option<u32>) -> f64 {
     // /proc/<pid>/stat: fields 14 and 15 (utime, stime) in clock ticks, after the
     // parenthesised command name, which may hold spaces. Linux's USER_HZ is 100.
     let ticks = pid
@@ -237,7 +238,7 @@ fn cpu_s(pid: Option<u32>) -> f64 {
 }
 
 /// `VmRSS` of `pid` in KiB (0 when it cannot be read).
-fn rss_kib(pid: Option<u32>) -> u64 {
+pub(crate) fn rss_kib(pid: Option<u32>) -> u64 {
     pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .and_then(|status| {
             status
@@ -250,6 +251,25 @@ fn rss_kib(pid: Option<u32>) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
+}
+
+/// Logging for the load tools: INFO to stderr, the fake API servers at WARN (they log
+/// each call at INFO: thousands a second, on the cores being measured). The leak audit
+/// is turned off: tens of thousands of tokens, and not a test.
+pub fn init_tool() {
+    use tracing_subscriber::{filter::Targets, prelude::*};
+    let filter = Targets::new()
+        .with_default(tracing::Level::INFO)
+        .with_target("tokensmith_tests::fake_apiserver", tracing::Level::WARN);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(filter)
+        .init();
+    crate::leak_audit::turn_off();
 }
 
 /// The defaults `make bench` runs with.

@@ -95,6 +95,19 @@ pub fn write_script(dir: &Path) -> Result<std::path::PathBuf, Error> {
     Ok(path)
 }
 
+/// The same script with each connection waiting `delay` between its requests, so the
+/// rate stays near connections / (delay + latency) however fast the proxy answers (the
+/// soak's fixed rate).
+pub fn write_paced_script(dir: &Path, delay: Duration) -> Result<std::path::PathBuf, Error> {
+    let path = dir.join("round-robin-paced.lua");
+    let paced = format!(
+        "{SCRIPT}\nfunction delay()\n  return {}\nend\n",
+        delay.as_millis()
+    );
+    std::fs::write(&path, paced).map_err(|e| Error::Process(format!("write wrk script: {e}")))?;
+    Ok(path)
+}
+
 /// One round against `addr` with the tokens in `tokens` (one per line).
 pub async fn run(
     load: Load,

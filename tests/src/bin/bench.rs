@@ -34,22 +34,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    use tracing_subscriber::{filter::Targets, prelude::*};
-    // The fake API servers log each call at INFO: thousands a second in a round, on the
-    // cores being measured.
-    let filter = Targets::new()
-        .with_default(tracing::Level::INFO)
-        .with_target("tokensmith_tests::fake_apiserver", tracing::Level::WARN);
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false),
-        )
-        .with(filter)
-        .init();
-    // Tens of thousands of tokens, and not a test: the leak audit is for the suite.
-    tokensmith_tests::leak_audit::turn_off();
+    tokensmith_tests::bench::init_tool();
     let args = Args::parse();
     if args.identities.is_empty() || args.identities.iter().any(|&n| n == 0 || n > 20_000) {
         bail!("--identities must each be 1..=20000");

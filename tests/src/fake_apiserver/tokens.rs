@@ -34,6 +34,26 @@ const EC_FIXTURE_KEY: &str = include_str!("../../fixtures/ec-signing-key-0.pem")
 /// The issuer kube-apiserver puts in legacy secret-based tokens.
 pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
+/// The user a service account authenticates as, with the groups kube-apiserver adds.
+fn service_account_user(
+    namespace: &str,
+    name: &str,
+    uid: String,
+    extra: BTreeMap<String, Vec<String>>,
+) -> UserInfo {
+    UserInfo {
+        username: format!("system:serviceaccount:{namespace}:{name}"),
+        uid: Some(uid),
+        groups: vec![
+            "system:serviceaccounts".to_owned(),
+            format!("system:serviceaccounts:{namespace}"),
+            "system:authenticated".to_owned(),
+        ],
+        extra,
+        service_account: Some((namespace.to_owned(), name.to_owned())),
+    }
+}
+
 /// What authentication looks up in the cluster's objects.
 pub(crate) trait Accounts {
     /// The uid of a service account that exists.
@@ -377,17 +397,7 @@ impl Authority {
             );
         }
         Ok(Authenticated {
-            user: UserInfo {
-                username: format!("system:serviceaccount:{namespace}:{name}"),
-                uid: Some(uid),
-                groups: vec![
-                    "system:serviceaccounts".to_owned(),
-                    format!("system:serviceaccounts:{namespace}"),
-                    "system:authenticated".to_owned(),
-                ],
-                extra,
-                service_account: Some((namespace.to_owned(), name.to_owned())),
-            },
+            user: service_account_user(namespace, name, uid, extra),
             audiences: granted,
         })
     }
@@ -441,17 +451,7 @@ impl Authority {
             )));
         }
         Ok(Authenticated {
-            user: UserInfo {
-                username: format!("system:serviceaccount:{namespace}:{name}"),
-                uid: Some(uid),
-                groups: vec![
-                    "system:serviceaccounts".to_owned(),
-                    format!("system:serviceaccounts:{namespace}"),
-                    "system:authenticated".to_owned(),
-                ],
-                extra: BTreeMap::new(),
-                service_account: Some((namespace, name)),
-            },
+            user: service_account_user(&namespace, &name, uid, BTreeMap::new()),
             audiences: granted,
         })
     }
