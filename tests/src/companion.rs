@@ -130,7 +130,15 @@ impl Companion {
     pub async fn start_with_args<S: AsRef<OsStr>>(args: &[S]) -> Result<Self, Error> {
         let mut command = tokio::process::Command::new(tokensmith_bin()?);
         command
-            .args(["authz", "--addr", "127.0.0.1", "--port", "0"])
+            .args(["authz", "--addr", "127.0.0.1"])
+            // A port of its choosing, unless the caller names one (a restart on the
+            // port a proxy already points at).
+            .args(
+                (!args.iter().any(|a| a.as_ref() == "--port"))
+                    .then_some(["--port", "0"])
+                    .into_iter()
+                    .flatten(),
+            )
             // Debug by default (tests read the logs); callers may choose another level.
             .args(
                 (!args.iter().any(|a| a.as_ref() == "--log-level"))

@@ -71,97 +71,19 @@ async fn under_load(path: Path, trouble: Trouble) -> Result<()> {
     let flags = ["--validation-cache-ttl", "1s", "--cache-max-entries", "0"];
     let stage = Stage::start(path, &flags).await?;
     let world = &stage.world;
-    let accounts: Vec<ServiceAccount> = (0..IDENTITIES)
-        .map(|i| {
-            let name = format!("load-{i}");
-            world.management.add_service_account("app-prod", &name);
-            world.workload.add_service_account("app-prod", &name)
-        })
-        .collect();
-    let stranger = FakeCluster::builder("stranger")
-        .issuer(world.workload.issuer())
-        .signing_key(3)
-        .start()
-        .await?;
-    let stranger_sa = stranger.add_service_account("app-prod", "load-0");
-    // Tokens minted before the run (signing is not what is measured): a few per identity
-    // for reuse, and fresh ones handed out once each.
-    let reused: Vec<String> = accounts
-        .iter()
-        .map(|sa| world.workload.mint(sa).sign())
-        .collect();
-    // Few: RS256 signing in a debug build costs tens of milliseconds. With a 1 s
-    // validation TTL and no exchange cache, reused tokens reach both API servers too.
-    let fresh: Vec<(usize, String)> = (0..40)
-        .map(|n| {
-            (
-                n % IDENTITIES,
-                world.workload.mint(&accounts[n % IDENTITIES]).sign(),
-            )
-        })
-        .collect();
-    let forged: Vec<String> = (0..40)
-        .map(|_| stranger.mint(&stranger_sa).sign())
-        .collect();
-    // Every path warm (Envoy's connections, the companion's clients) before the clock.
-    for token in &reused {
-        let reply = http::get(
-            stage.envoy.addr,
-            "/",
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await?;
-        ensure!(
-            reply.status == 200,
-            "warm-up: {} {}",
-            reply.status,
-            reply.body
-        );
-    }
+    let Tokens {
+        accounts,
+        reused,
+        fresh,
+        forged,
+        _stranger,
+    } = Tokens::mint(world).await?;
+    warm(stage.envoy.addr, &reused).await?;
     let warm = stage.upstream.count();
-    let fresh = Arc::new(Mutex::new(fresh));
     let start = Instant::now();
     let addr = stage.envoy.addr;
 
-    let mut clients = Vec::new();
-    for client in 0..CLIENTS {
-        let (reused, fresh, forged) = (reused.clone(), fresh.clone(), forged.clone());
-        clients.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            let mut n = client;
-            while start.elapsed() < RUN_FOR {
-                n += CLIENTS;
-                let (real, token) = match n % 5 {
-                    0 => (None, forged[n / 5 % forged.len()].clone()),
-                    1 | 3 => match fresh.lock().ok().and_then(|mut f| f.pop()) {
-                        Some((i, token)) => (Some(i), token),
-                        None => (Some(n % IDENTITIES), reused[n % IDENTITIES].clone()),
-                    },
-                    _ => (Some(n % IDENTITIES), reused[n % IDENTITIES].clone()),
-                };
-                let bearer = format!("Bearer {token}");
-                let at = start.elapsed();
-                let reply = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    http::get(addr, "/", &[("authorization", &bearer)]),
-                )
-                .await
-                .context("a request hung")??;
-                let echoed = (reply.status == 200)
-                    .then(|| serde_json::from_str::<Seen>(&reply.body))
-                    .transpose()?;
-                outcomes.push(Outcome {
-                    at,
-                    ended: start.elapsed(),
-                    real,
-                    status: reply.status,
-                    echoed,
-                });
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            anyhow::Ok(outcomes)
-        }));
-    }
+    let clients = spawn_clients(addr, start, &reused, &fresh, &forged);
 
     tokio::time::sleep_until(start + FAULT_AT).await;
     let (cluster, endpoint) = match trouble {
@@ -243,6 +165,129 @@ async fn under_load(path: Path, trouble: Trouble) -> Result<()> {
         "{case}: {upstream} requests upstream, {allowed} allowed"
     );
     Ok(())
+}
+
+/// The identities of a load and their tokens.
+struct Tokens {
+    accounts: Vec<ServiceAccount>,
+    /// One per identity, sent again and again.
+    reused: Vec<String>,
+    /// Handed out once each.
+    fresh: Fresh,
+    /// The workload issuer, a key it never published.
+    forged: Vec<String>,
+    /// The cluster that signed `forged`.
+    _stranger: FakeCluster,
+}
+
+impl Tokens {
+    /// [`IDENTITIES`] service accounts in both clusters, and their tokens, minted before
+    /// the run: signing is not what is measured.
+    async fn mint(world: &crate::companion::World) -> Result<Tokens> {
+        let accounts: Vec<ServiceAccount> = (0..IDENTITIES)
+            .map(|i| {
+                let name = format!("load-{i}");
+                world.management.add_service_account("app-prod", &name);
+                world.workload.add_service_account("app-prod", &name)
+            })
+            .collect();
+        let stranger = FakeCluster::builder("stranger")
+            .issuer(world.workload.issuer())
+            .signing_key(3)
+            .start()
+            .await?;
+        let stranger_sa = stranger.add_service_account("app-prod", "load-0");
+        let reused = accounts
+            .iter()
+            .map(|sa| world.workload.mint(sa).sign())
+            .collect();
+        // Few: RS256 signing in a debug build costs tens of milliseconds. With a 1 s
+        // validation TTL and no exchange cache, reused tokens reach both API servers too.
+        let fresh = (0..40)
+            .map(|n| {
+                let identity = n % IDENTITIES;
+                (identity, world.workload.mint(&accounts[identity]).sign())
+            })
+            .collect();
+        let forged = (0..8).map(|_| stranger.mint(&stranger_sa).sign()).collect();
+        Ok(Tokens {
+            accounts,
+            reused,
+            fresh: Arc::new(Mutex::new(fresh)),
+            forged,
+            _stranger: stranger,
+        })
+    }
+}
+
+/// Every identity through `addr` once (Envoy's connections, the companion's clients)
+/// before the clock starts; each must be allowed.
+async fn warm(addr: std::net::SocketAddr, reused: &[String]) -> Result<()> {
+    for token in reused {
+        let reply = http::get(addr, "/", &[("authorization", &format!("Bearer {token}"))]).await?;
+        ensure!(
+            reply.status == 200,
+            "warm-up: {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    Ok(())
+}
+
+/// Tokens handed out once each, and which identity each is.
+type Fresh = Arc<Mutex<Vec<(usize, String)>>>;
+
+/// The load: [`CLIENTS`] tasks sending real (reused or never seen) and forged tokens to
+/// `addr` until [`RUN_FOR`] after `start`, each returning its outcomes.
+fn spawn_clients(
+    addr: std::net::SocketAddr,
+    start: Instant,
+    reused: &[String],
+    fresh: &Fresh,
+    forged: &[String],
+) -> Vec<tokio::task::JoinHandle<Result<Vec<Outcome>>>> {
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let (reused, fresh, forged) = (reused.to_vec(), fresh.clone(), forged.to_vec());
+        clients.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut n = client;
+            while start.elapsed() < RUN_FOR {
+                n += CLIENTS;
+                let (real, token) = match n % 5 {
+                    0 => (None, forged[n / 5 % forged.len()].clone()),
+                    1 | 3 => match fresh.lock().ok().and_then(|mut f| f.pop()) {
+                        Some((i, token)) => (Some(i), token),
+                        None => (Some(n % IDENTITIES), reused[n % IDENTITIES].clone()),
+                    },
+                    _ => (Some(n % IDENTITIES), reused[n % IDENTITIES].clone()),
+                };
+                let bearer = format!("Bearer {token}");
+                let at = start.elapsed();
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    http::get(addr, "/", &[("authorization", &bearer)]),
+                )
+                .await
+                .context("a request hung")??;
+                let echoed = (reply.status == 200)
+                    .then(|| serde_json::from_str::<Seen>(&reply.body))
+                    .transpose()?;
+                outcomes.push(Outcome {
+                    at,
+                    ended: start.elapsed(),
+                    real,
+                    status: reply.status,
+                    echoed,
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(outcomes)
+        }));
+    }
+
+    clients
 }
 
 fn check(
@@ -329,6 +374,80 @@ through_both_paths!(
     management_api_flapping: ManagementFlapping,
     workload_api_behind_something_that_does_not_speak_tls: WorkloadNotTls,
 );
+
+/// The companion stopped by SIGTERM mid-load and started again on its port (a rolling
+/// update of a single replica): while it is away each path fails closed with 503, never
+/// a 200 without it; within [`RECOVERY`] of its return every real token is allowed.
+async fn companion_restart(path: Path) -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let flags = ["--validation-cache-ttl", "1s", "--cache-max-entries", "0"];
+    let mut stage = Stage::start(path, &flags).await?;
+    let tokens = Tokens::mint(&stage.world).await?;
+    warm(stage.envoy.addr, &tokens.reused).await?;
+    let warm_requests = stage.upstream.count();
+    let start = Instant::now();
+    let clients = spawn_clients(
+        stage.envoy.addr,
+        start,
+        &tokens.reused,
+        &tokens.fresh,
+        &tokens.forged,
+    );
+
+    tokio::time::sleep_until(start + FAULT_AT).await;
+    let port = stage.world.companion.addr.port().to_string();
+    let exit = stage
+        .world
+        .companion
+        .process()
+        .terminate(Duration::from_secs(10))
+        .await?;
+    ensure!(exit.success(), "the companion's exit: {exit}");
+    // What it answered, from its decision lines (its metrics went with it).
+    let mut checks = stage.world.companion.decisions().await?.len() as u64;
+    tokio::time::sleep_until(start + FAULT_AT + FAULT_FOR).await;
+    let mut args: Vec<String> = ["--port", &port].iter().map(|a| (*a).to_owned()).collect();
+    args.extend(flags.iter().map(|a| (*a).to_owned()));
+    let world = &mut stage.world;
+    world.companion = tokensmith_tests::companion::Companion::start_serving(
+        world.workload.kubeconfig(),
+        world.management.kubeconfig(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
+    let cleared = start.elapsed();
+
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.extend(client.await??);
+    }
+    let case = format!("{path:?}, companion restart");
+    check(&stage.world, &tokens.accounts, &outcomes, cleared).context(case.clone())?;
+    checks += stage.world.companion.decisions().await?.len() as u64;
+    let reviews = stage.world.workload.arrived(Endpoint::TokenReview) as u64;
+    ensure!(
+        reviews <= checks,
+        "{case}: {reviews} TokenReviews for {checks} Checks"
+    );
+    let allowed = outcomes.iter().filter(|o| o.status == 200).count();
+    let upstream = stage.upstream.count() - warm_requests;
+    ensure!(
+        upstream == allowed,
+        "{case}: {upstream} upstream, {allowed} allowed"
+    );
+    Ok(())
+}
+
+mod the_companion_restarting_under_load {
+    #[tokio::test]
+    async fn through_ext_authz() -> anyhow::Result<()> {
+        super::companion_restart(super::Path::ExtAuthz).await
+    }
+    #[tokio::test]
+    async fn through_the_wasm_filter() -> anyhow::Result<()> {
+        super::companion_restart(super::Path::Filter).await
+    }
+}
 
 /// A gateway restart loses the filter's in-proxy cache: every identity comes back at
 /// once as a miss. The companion's own caches absorb the burst: one Check per identity,
