@@ -77,7 +77,7 @@ async fn under_load(path: Path, trouble: Trouble) -> Result<()> {
         fresh,
         forged,
         _stranger,
-    } = Tokens::mint(world).await?;
+    } = Tokens::mint(&world.workload, &world.management).await?;
     warm(stage.envoy.addr, &reused).await?;
     let warm = stage.upstream.count();
     let start = Instant::now();
@@ -137,7 +137,14 @@ async fn under_load(path: Path, trouble: Trouble) -> Result<()> {
         outcomes.extend(client.await??);
     }
     let case = format!("{path:?}, {trouble:?}");
-    check(world, &accounts, &outcomes, cleared).context(case.clone())?;
+    check(
+        &world.management,
+        &accounts,
+        &outcomes,
+        cleared,
+        Promise::FailsClosed,
+    )
+    .context(case.clone())?;
 
     // At most one call per Check on each side: a retry storm would multiply them.
     stage.world.companion.settled().await?;
@@ -183,30 +190,27 @@ struct Tokens {
 impl Tokens {
     /// [`IDENTITIES`] service accounts in both clusters, and their tokens, minted before
     /// the run: signing is not what is measured.
-    async fn mint(world: &crate::companion::World) -> Result<Tokens> {
+    async fn mint(workload: &FakeCluster, management: &FakeCluster) -> Result<Tokens> {
         let accounts: Vec<ServiceAccount> = (0..IDENTITIES)
             .map(|i| {
                 let name = format!("load-{i}");
-                world.management.add_service_account("app-prod", &name);
-                world.workload.add_service_account("app-prod", &name)
+                management.add_service_account("app-prod", &name);
+                workload.add_service_account("app-prod", &name)
             })
             .collect();
         let stranger = FakeCluster::builder("stranger")
-            .issuer(world.workload.issuer())
+            .issuer(workload.issuer())
             .signing_key(3)
             .start()
             .await?;
         let stranger_sa = stranger.add_service_account("app-prod", "load-0");
-        let reused = accounts
-            .iter()
-            .map(|sa| world.workload.mint(sa).sign())
-            .collect();
+        let reused = accounts.iter().map(|sa| workload.mint(sa).sign()).collect();
         // Few: RS256 signing in a debug build costs tens of milliseconds. With a 1 s
         // validation TTL and no exchange cache, reused tokens reach both API servers too.
         let fresh = (0..40)
             .map(|n| {
                 let identity = n % IDENTITIES;
-                (identity, world.workload.mint(&accounts[identity]).sign())
+                (identity, workload.mint(&accounts[identity]).sign())
             })
             .collect();
         let forged = (0..8).map(|_| stranger.mint(&stranger_sa).sign()).collect();
@@ -290,11 +294,24 @@ fn spawn_clients(
     clients
 }
 
+/// What a path promises while a fault lasts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Promise {
+    /// A dependency down: 503 for what it cannot decide, never a wrong answer.
+    FailsClosed,
+    /// Real tokens see nothing of it (the JWKS endpoint failing: the last good keys
+    /// serve): every one 200. A forged token's unknown `kid` cannot be told from a key
+    /// rotated in meanwhile, so it gets 503 rather than 401 while the keys cannot be
+    /// refreshed; never 200.
+    Unaffected,
+}
+
 fn check(
-    world: &crate::companion::World,
+    management: &FakeCluster,
     accounts: &[ServiceAccount],
     outcomes: &[Outcome],
     cleared: Duration,
+    promise: Promise,
 ) -> Result<()> {
     let mut statuses: BTreeMap<(bool, u16), usize> = BTreeMap::new();
     for outcome in outcomes {
@@ -320,7 +337,7 @@ fn check(
                         .header("authorization")
                         .strip_prefix("Bearer ")
                         .context("no bearer upstream")?;
-                    let claims = world.management.verify(token)?;
+                    let claims = management.verify(token)?;
                     let want =
                         format!("system:serviceaccount:app-prod:{}", accounts[identity].name);
                     ensure!(
@@ -330,7 +347,9 @@ fn check(
                     );
                 }
                 // Over before the fault began, or begun once it had been over a while.
-                let calm = outcome.ended < FAULT_AT || outcome.at >= cleared + RECOVERY;
+                let calm = promise == Promise::Unaffected
+                    || outcome.ended < FAULT_AT
+                    || outcome.at >= cleared + RECOVERY;
                 ensure!(
                     !calm || outcome.status == 200,
                     "a real token got {} at {:?}, outside the fault (ended at {cleared:?}, \
@@ -343,7 +362,7 @@ fn check(
     }
     // The fault was felt: some real token was refused while it lasted.
     ensure!(
-        statuses.get(&(true, 503)).is_some_and(|n| *n > 0),
+        promise == Promise::Unaffected || statuses.get(&(true, 503)).is_some_and(|n| *n > 0),
         "no 503 during the fault: {statuses:?}"
     );
     Ok(())
@@ -382,7 +401,7 @@ async fn companion_restart(path: Path) -> Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
     let flags = ["--validation-cache-ttl", "1s", "--cache-max-entries", "0"];
     let mut stage = Stage::start(path, &flags).await?;
-    let tokens = Tokens::mint(&stage.world).await?;
+    let tokens = Tokens::mint(&stage.world.workload, &stage.world.management).await?;
     warm(stage.envoy.addr, &tokens.reused).await?;
     let warm_requests = stage.upstream.count();
     let start = Instant::now();
@@ -422,7 +441,14 @@ async fn companion_restart(path: Path) -> Result<()> {
         outcomes.extend(client.await??);
     }
     let case = format!("{path:?}, companion restart");
-    check(&stage.world, &tokens.accounts, &outcomes, cleared).context(case.clone())?;
+    check(
+        &stage.world.management,
+        &tokens.accounts,
+        &outcomes,
+        cleared,
+        Promise::FailsClosed,
+    )
+    .context(case.clone())?;
     checks += stage.world.companion.decisions().await?.len() as u64;
     let reviews = stage.world.workload.arrived(Endpoint::TokenReview) as u64;
     ensure!(
@@ -448,6 +474,149 @@ mod the_companion_restarting_under_load {
         super::companion_restart(super::Path::Filter).await
     }
 }
+
+/// What goes wrong with a JWKS cluster's key endpoint.
+#[derive(Debug, Clone, Copy)]
+enum KeyTrouble {
+    Down,
+    /// 200 with a body that is not a key set.
+    Garbage,
+    /// 200 with 4 MiB of key set.
+    Huge,
+}
+
+/// JWKS mode under load while the key endpoint fails: the last good keys keep serving,
+/// so every real token is allowed throughout, no forged one ever, and the fetches stay
+/// at the refresh interval's pace.
+async fn jwks_under_load(path: Path, trouble: KeyTrouble) -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let workload = FakeCluster::start("workload").await?;
+    workload.bind_anonymous_issuer_discovery();
+    let management = FakeCluster::start("management").await?;
+    let minter =
+        management.kubeconfig_with("tokensmith", tokensmith_tests::Rights::TOKEN_REQUEST)?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("workload-ca.pem");
+    std::fs::write(&ca, workload.ca_pem())?;
+    let clusters = dir.path().join("clusters.yaml");
+    std::fs::write(
+        &clusters,
+        format!(
+            "clusters:\n- name: workload\n  issuer: {}\n  jwks_uri: {}/openid/v1/jwks\n  ca_file: {}\n  refresh_interval: 1s\n",
+            workload.issuer(),
+            workload.url(),
+            ca.display()
+        ),
+    )?;
+    let args = [
+        "--clusters-config".as_ref(),
+        clusters.as_os_str(),
+        "--management-kubeconfig".as_ref(),
+        minter.as_os_str(),
+        "--validation-cache-ttl".as_ref(),
+        "1s".as_ref(),
+        "--cache-max-entries".as_ref(),
+        "0".as_ref(),
+    ];
+    let mut companion =
+        tokensmith_tests::companion::Companion::start_serving_with_args::<&std::ffi::OsStr>(&args)
+            .await?;
+    companion
+        .wait_for_log(Duration::from_secs(15), |r| {
+            r["message"] == "jwks keys loaded"
+        })
+        .await?;
+    let upstream = tokensmith_tests::upstream::Upstream::start().await?;
+    let front = crate::envoy::Front::start(
+        path,
+        companion.addr,
+        upstream.addr,
+        false,
+        &serde_json::json!({}),
+    )
+    .await?;
+    let addr = front.envoy.addr;
+    let tokens = Tokens::mint(&workload, &management).await?;
+    warm(addr, &tokens.reused).await?;
+    let warm_requests = upstream.count();
+    let fetches_before = workload.arrived(Endpoint::Jwks);
+    let start = Instant::now();
+    let clients = spawn_clients(addr, start, &tokens.reused, &tokens.fresh, &tokens.forged);
+
+    tokio::time::sleep_until(start + FAULT_AT).await;
+    workload.inject(match trouble {
+        KeyTrouble::Down => Fault::Refuse,
+        KeyTrouble::Garbage => Fault::Body {
+            endpoint: Some(Endpoint::Jwks),
+            code: 200,
+            body: "<html>not a key set</html>".to_owned(),
+        },
+        KeyTrouble::Huge => Fault::Body {
+            endpoint: Some(Endpoint::Jwks),
+            code: 200,
+            body: format!(r#"{{"keys":[],"padding":"{}"}}"#, "x".repeat(4 << 20)),
+        },
+    });
+    tokio::time::sleep_until(start + FAULT_AT + FAULT_FOR).await;
+    workload.clear_faults();
+    let cleared = start.elapsed();
+
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.extend(client.await??);
+    }
+    let case = format!("{path:?}, JWKS endpoint {trouble:?}");
+    check(
+        &management,
+        &tokens.accounts,
+        &outcomes,
+        cleared,
+        Promise::Unaffected,
+    )
+    .context(case.clone())?;
+    // One fetch a second, one more for the forged tokens' unknown `kid` (at most one per
+    // 30 s), and a little slack for a refresh in flight at either end.
+    let fetches = workload.arrived(Endpoint::Jwks) - fetches_before;
+    let most = RUN_FOR.as_secs() as usize + 3;
+    ensure!(
+        fetches <= most,
+        "{case}: {fetches} JWKS fetches in {RUN_FOR:?} (at most {most})"
+    );
+    ensure!(
+        workload.arrived(Endpoint::TokenReview) == 0,
+        "{case}: a TokenReview in JWKS mode"
+    );
+    let allowed = outcomes.iter().filter(|o| o.status == 200).count();
+    let upstream_count = upstream.count() - warm_requests;
+    ensure!(
+        upstream_count == allowed,
+        "{case}: {upstream_count} upstream, {allowed} allowed"
+    );
+    drop(front);
+    Ok(())
+}
+
+/// Runs each key-endpoint trouble through the ext_authz and the filter path.
+macro_rules! jwks_through_both_paths {
+    ($($name:ident: $trouble:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn through_ext_authz() -> anyhow::Result<()> {
+                super::jwks_under_load(super::Path::ExtAuthz, super::KeyTrouble::$trouble).await
+            }
+            #[tokio::test]
+            async fn through_the_wasm_filter() -> anyhow::Result<()> {
+                super::jwks_under_load(super::Path::Filter, super::KeyTrouble::$trouble).await
+            }
+        }
+    )*};
+}
+
+jwks_through_both_paths!(
+    jwks_endpoint_down: Down,
+    jwks_endpoint_answering_garbage: Garbage,
+    jwks_endpoint_answering_a_huge_document: Huge,
+);
 
 /// A gateway restart loses the filter's in-proxy cache: every identity comes back at
 /// once as a miss. The companion's own caches absorb the burst: one Check per identity,
