@@ -119,17 +119,17 @@ defect management-401-blames-the-caller service/src/deny.rs "companion::api_serv
             401 if cluster == Side::Management => DenyReason::InvalidToken,'
 
 defect fail-open-lets-429-through filter/src/flow.rs "envoy::companion_503_and_429" \
-'        Ok(Verdict::Deny {
+'        Verdict::Deny {
             status,
             headers,
             body,
-        }) => Decision {' \
-'        Ok(Verdict::Deny { status: 429, .. }) => on_dispatch_failure(config),
-        Ok(Verdict::Deny {
+        } => Decision {' \
+'        Verdict::Deny { status: 429, .. } => on_dispatch_failure(config),
+        Verdict::Deny {
             status,
             headers,
             body,
-        }) => Decision {'
+        } => Decision {'
 
 # A defect that does not build proves nothing about the tests: that is an error here.
 build() {

@@ -217,16 +217,15 @@ pub fn on_check_reply(
     cache: &impl SlotStore,
     now: u64,
 ) -> Decision {
-    let verdict = match (grpc_status, body) {
-        (0, Some(body)) => check::verdict(body),
-        _ => return on_dispatch_failure(config),
+    let Some(verdict) = answered(grpc_status, body) else {
+        return on_dispatch_failure(config);
     };
     match verdict {
-        Ok(Verdict::Deny {
+        Verdict::Deny {
             status,
             headers,
             body,
-        }) => Decision {
+        } => Decision {
             step: Step::Respond {
                 status,
                 headers,
@@ -234,14 +233,21 @@ pub fn on_check_reply(
             },
             counters: vec![Counter::Denied],
         },
-        Ok(Verdict::Allow { edits, reuse }) => {
+        Verdict::Allow { edits, reuse } => {
             remember(config, pending, &edits, reuse, cache, now);
             Decision {
                 step: Step::Continue(replace_credential(config, edits)),
                 counters: vec![Counter::Allowed],
             }
         }
-        Err(_) => on_dispatch_failure(config),
+    }
+}
+
+/// The verdict in a reply: `None` for a gRPC failure or a body that does not decode.
+fn answered(grpc_status: u32, body: Option<&[u8]>) -> Option<Verdict> {
+    match (grpc_status, body) {
+        (0, Some(body)) => check::verdict(body).ok(),
+        _ => None,
     }
 }
 
@@ -259,25 +265,24 @@ pub fn on_refresh_reply(
     cache: &impl SlotStore,
     now: u64,
 ) -> Vec<Counter> {
-    let verdict = match (grpc_status, body) {
-        (0, Some(body)) => check::verdict(body),
-        _ => return vec![Counter::CacheRefreshErrors],
+    let Some(verdict) = answered(grpc_status, body) else {
+        return vec![Counter::CacheRefreshErrors];
     };
     match verdict {
-        Ok(Verdict::Allow { edits, reuse }) => {
+        Verdict::Allow { edits, reuse } => {
             remember(config, pending, &edits, reuse, cache, now);
             Vec::new()
         }
-        Ok(Verdict::Deny {
+        Verdict::Deny {
             status: 401 | 403, ..
-        }) => {
+        } => {
             if let Some(digest) = &pending.digest {
                 // A lost race leaves an entry someone wrote since: theirs to answer for.
                 let _ = cache::remove(cache, &config.cache, digest);
             }
             vec![Counter::CacheRefreshDenied]
         }
-        Ok(Verdict::Deny { .. }) | Err(_) => vec![Counter::CacheRefreshErrors],
+        Verdict::Deny { .. } => vec![Counter::CacheRefreshErrors],
     }
 }
 

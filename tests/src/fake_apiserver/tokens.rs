@@ -34,6 +34,18 @@ const EC_FIXTURE_KEY: &str = include_str!("../../fixtures/ec-signing-key-0.pem")
 /// The issuer kube-apiserver puts in legacy secret-based tokens.
 pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
+/// The service account's uid, if it exists (`found`) and is the one the token claims.
+fn matching_uid(found: Option<String>, name: &str, claimed: &str) -> Result<String, Rejection> {
+    let uid =
+        found.ok_or_else(|| Rejection::because(format!("serviceaccounts \"{name}\" not found")))?;
+    if uid != claimed {
+        return Err(Rejection::because(format!(
+            "service account UID ({uid}) does not match claim ({claimed})"
+        )));
+    }
+    Ok(uid)
+}
+
 /// The user a service account authenticates as, with the groups kube-apiserver adds.
 fn service_account_user(
     namespace: &str,
@@ -367,16 +379,7 @@ impl Authority {
         let namespace = k8s["namespace"].as_str().unwrap_or_default();
         let name = k8s["serviceaccount"]["name"].as_str().unwrap_or_default();
         let claimed_uid = k8s["serviceaccount"]["uid"].as_str().unwrap_or_default();
-        let Some(uid) = uid_of(namespace, name) else {
-            return Err(Rejection::because(format!(
-                "serviceaccounts \"{name}\" not found"
-            )));
-        };
-        if uid != claimed_uid {
-            return Err(Rejection::because(format!(
-                "service account UID ({uid}) does not match claim ({claimed_uid})"
-            )));
-        }
+        let uid = matching_uid(uid_of(namespace, name), name, claimed_uid)?;
         let mut extra = BTreeMap::new();
         if let Some(jti) = claims["jti"].as_str() {
             extra.insert(
@@ -439,17 +442,8 @@ impl Authority {
                 go_quoted(requested)
             )));
         }
-        let Some(uid) = accounts.service_account_uid(&namespace, &name) else {
-            return Err(Rejection::because(format!(
-                "serviceaccounts \"{name}\" not found"
-            )));
-        };
-        let claimed_uid = flat("service-account.uid");
-        if uid != claimed_uid {
-            return Err(Rejection::because(format!(
-                "service account UID ({uid}) does not match claim ({claimed_uid})"
-            )));
-        }
+        let found = accounts.service_account_uid(&namespace, &name);
+        let uid = matching_uid(found, &name, &flat("service-account.uid"))?;
         Ok(Authenticated {
             user: service_account_user(&namespace, &name, uid, BTreeMap::new()),
             audiences: granted,

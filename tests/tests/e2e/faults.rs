@@ -368,23 +368,25 @@ fn check(
     Ok(())
 }
 
-/// Runs each trouble through the ext_authz and the filter path, as two tests.
+/// Runs `$run(path, $kind::$trouble)` through the ext_authz and the filter path, as two
+/// tests per trouble.
 macro_rules! through_both_paths {
-    ($($name:ident: $trouble:ident),* $(,)?) => {$(
+    ($run:ident, $kind:ident: $($name:ident: $trouble:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test]
             async fn through_ext_authz() -> anyhow::Result<()> {
-                super::under_load(super::Path::ExtAuthz, super::Trouble::$trouble).await
+                super::$run(super::Path::ExtAuthz, super::$kind::$trouble).await
             }
             #[tokio::test]
             async fn through_the_wasm_filter() -> anyhow::Result<()> {
-                super::under_load(super::Path::Filter, super::Trouble::$trouble).await
+                super::$run(super::Path::Filter, super::$kind::$trouble).await
             }
         }
     )*};
 }
 
 through_both_paths!(
+    under_load, Trouble:
     workload_api_down: WorkloadDown,
     management_api_down: ManagementDown,
     workload_api_slow: WorkloadSlow,
@@ -596,23 +598,8 @@ async fn jwks_under_load(path: Path, trouble: KeyTrouble) -> Result<()> {
     Ok(())
 }
 
-/// Runs each key-endpoint trouble through the ext_authz and the filter path.
-macro_rules! jwks_through_both_paths {
-    ($($name:ident: $trouble:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn through_ext_authz() -> anyhow::Result<()> {
-                super::jwks_under_load(super::Path::ExtAuthz, super::KeyTrouble::$trouble).await
-            }
-            #[tokio::test]
-            async fn through_the_wasm_filter() -> anyhow::Result<()> {
-                super::jwks_under_load(super::Path::Filter, super::KeyTrouble::$trouble).await
-            }
-        }
-    )*};
-}
-
-jwks_through_both_paths!(
+through_both_paths!(
+    jwks_under_load, KeyTrouble:
     jwks_endpoint_down: Down,
     jwks_endpoint_answering_garbage: Garbage,
     jwks_endpoint_answering_a_huge_document: Huge,
