@@ -78,15 +78,16 @@ impl Pending {
 }
 
 /// Who asks, and when.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Arrival {
     /// The request's HTTP context.
     pub context: u32,
     /// Unix milliseconds now.
     pub now_ms: u64,
-    /// The downstream address, when the host tells it: the companion shares its
-    /// TokenReview turns by it.
-    pub peer: Option<SocketAddr>,
+    /// Reads the downstream address, when the host tells it: the companion shares its
+    /// TokenReview turns by it. Called only for a Check (a hit has no use for it, and
+    /// the host call is a fair part of a hit's cost).
+    pub peer: fn() -> Option<SocketAddr>,
 }
 
 /// The body the companion sends for these cases, so both paths answer alike.
@@ -145,7 +146,8 @@ pub fn on_request(
     };
     let token = bearer::token(credential);
     let digest = token.filter(|_| config.cache.enabled).map(cache::digest);
-    let pending = Pending {
+    // Read only when a Check needs it: a hit does not (plan/009, the filter's hit path).
+    let pending = || Pending {
         digest,
         workload_expiry: token.and_then(claims::expiry),
     };
@@ -154,8 +156,8 @@ pub fn on_request(
             counters.extend([Counter::CacheHits, Counter::Allowed]);
             if hit.refresh {
                 flights.refresh(*d, arrival.now_ms, config.timeout, || {
-                    let check = background_check(config, headers, credential, arrival.peer);
-                    (pending, check)
+                    let check = background_check(config, headers, credential, (arrival.peer)());
+                    (pending(), check)
                 });
             }
             let edits = vec![set_authorization(hit.value)];
@@ -169,10 +171,11 @@ pub fn on_request(
         .filter_map(|name| Some(((*name).to_owned(), headers.text(name)?.to_owned())))
         .collect();
     let check = Check {
-        message: check::request(config, headers, credential, arrival.peer),
+        message: check::request(config, headers, credential, (arrival.peer)()),
         metadata,
         timeout: config.timeout,
     };
+    let pending = pending();
     let step = match digest {
         Some(d) => match flights.join(d, arrival.context, arrival.now_ms, pending.clone(), check) {
             Joined::Lead(check) | Joined::Alone(check) => check.into(),

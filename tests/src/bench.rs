@@ -69,6 +69,44 @@ impl Shape {
         }
     }
 
+    /// The name `--shapes` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            Shape::NoAuth => "no-auth",
+            Shape::JwtAuthn => "jwt-authn",
+            Shape::ExtAuthzTrivial => "ext-authz-trivial",
+            Shape::NoopWasm => "noop-wasm",
+            Shape::ExtAuthz(Mode::TokenReview) => "ext-authz-tokenreview",
+            Shape::ExtAuthz(Mode::Jwks) => "ext-authz-jwks",
+            Shape::Filter(Mode::TokenReview) => "filter-tokenreview",
+            Shape::Filter(Mode::Jwks) => "filter-jwks",
+        }
+    }
+
+    /// The shapes `keys` name, with every floor they are read against (no-auth always),
+    /// in the ladder's order; an unknown key is an error naming the known ones.
+    pub fn selection(keys: &[String]) -> Result<Vec<Shape>, Error> {
+        let mut wanted = vec![Shape::NoAuth];
+        for key in keys {
+            let shape = Shape::ALL
+                .into_iter()
+                .find(|s| s.key() == key.as_str())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = Shape::ALL.iter().map(|s| s.key()).collect();
+                    Error::Process(format!(
+                        "unknown shape {key:?}; known: {}",
+                        known.join(", ")
+                    ))
+                })?;
+            wanted.extend(shape.floor());
+            wanted.push(shape);
+        }
+        Ok(Shape::ALL
+            .into_iter()
+            .filter(|s| wanted.contains(s))
+            .collect())
+    }
+
     /// The floor this shape is judged against, beside no-auth.
     pub fn floor(self) -> Option<Shape> {
         match self {
@@ -90,6 +128,13 @@ pub struct Settings {
     pub load: Load,
     /// Filter cache slots (the filter needs two per identity to keep them all).
     pub slots: u32,
+    /// The shapes measured, in the ladder's order (every one by default).
+    #[serde(serialize_with = "shape_names")]
+    pub shapes: Vec<Shape>,
+}
+
+fn shape_names<S: serde::Serializer>(shapes: &[Shape], out: S) -> Result<S::Ok, S::Error> {
+    out.collect_seq(shapes.iter().map(|s| s.name()))
 }
 
 /// One shape at one identity count.
@@ -154,7 +199,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Measured>, Error> {
     let mut results = Vec::new();
     for &identities in &settings.identities {
         let tokens = scene.tokens_file(identities)?;
-        let mut measured: Vec<Measured> = Shape::ALL
+        let mut measured: Vec<Measured> = settings
+            .shapes
             .iter()
             .map(|shape| Measured {
                 identities,
@@ -170,7 +216,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Measured>, Error> {
             })
             .collect();
         for round in 0..settings.rounds {
-            for (shape, m) in Shape::ALL.iter().zip(measured.iter_mut()) {
+            for (shape, m) in settings.shapes.iter().zip(measured.iter_mut()) {
                 let shape = *shape;
                 let connections = settings.load.connections as usize;
                 scene.warm(shape, identities, connections).await?;
@@ -283,5 +329,6 @@ pub fn default_settings() -> Settings {
             round: Duration::from_secs(5),
         },
         slots: 32_768,
+        shapes: Shape::ALL.to_vec(),
     }
 }

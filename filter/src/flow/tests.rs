@@ -116,7 +116,7 @@ fn at(context: u32, now: u64) -> Arrival {
     Arrival {
         context,
         now_ms: now * 1000,
-        peer: None,
+        peer: || None,
     }
 }
 
@@ -556,9 +556,8 @@ fn a_hit_past_the_refresh_point_is_served_at_once_and_queues_one_background_chec
         ),
     ]);
     let mut flights = Flights::default();
-    let peer: SocketAddr = "10.0.0.7:5555".parse().unwrap();
     let arrival = Arrival {
-        peer: Some(peer),
+        peer: || "10.0.0.7:5555".parse().ok(),
         ..at(1, NOW + 640)
     };
     let (d, pending) = on_request(&c, &request, &store, &mut flights, arrival);
@@ -757,4 +756,44 @@ fn tokens_that_are_not_cached_are_not_coalesced_either() {
         );
         assert!(matches!(d.step, Step::Dispatch { .. }), "{d:?}");
     }
+}
+
+thread_local! {
+    static PEER_ASKED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A peer source that counts how often it is asked.
+fn counted_peer() -> Option<SocketAddr> {
+    PEER_ASKED.with(|n| n.set(n.get() + 1));
+    "10.0.0.7:5555".parse().ok()
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_hit_before_its_refresh_point_never_asks_the_host_for_the_peer() {
+    let token = workload_token(NOW + 100_000);
+    let (c, store) = cached(&token);
+    let request = headers(Some(&format!("Bearer {token}")));
+    let arrival = Arrival {
+        peer: counted_peer,
+        ..at(1, NOW + 1)
+    };
+    PEER_ASKED.with(|n| n.set(0));
+    let (d, _) = on_request(&c, &request, &store, &mut Flights::default(), arrival);
+    assert_eq!(
+        d.counters,
+        [Counter::Requests, Counter::CacheHits, Counter::Allowed]
+    );
+    assert_eq!(PEER_ASKED.with(|n| n.get()), 0, "a hit needs no peer");
+
+    // A miss does: its Check carries the address.
+    let other = workload_token(NOW + 200_000);
+    let (d, _) = on_request(
+        &c,
+        &headers(Some(&format!("Bearer {other}"))),
+        &store,
+        &mut Flights::default(),
+        arrival,
+    );
+    assert!(matches!(d.step, Step::Dispatch { .. }), "{:?}", d.step);
+    assert_eq!(PEER_ASKED.with(|n| n.get()), 1);
 }

@@ -1,7 +1,7 @@
 //! One request: gather the headers, ask `flow`, carry out its `Step`; and the pieces the
 //! root shares to send a Check and to answer a request paused in another context.
 
-use std::{rc::Rc, time::Duration};
+use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use proxy_wasm::{
     hostcalls,
@@ -157,10 +157,6 @@ impl HttpContext for RequestContext {
             return self.perform(failure, None);
         };
         let plugin = self.plugin.clone();
-        // Envoy's `source.address` property: "ip:port" text (brackets for IPv6).
-        let peer = abi::property(&["source", "address"])
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .and_then(|text| text.parse().ok());
         let arrival = Arrival {
             context: self.id,
             now_ms: now_ms(),
@@ -179,6 +175,14 @@ impl HttpContext for RequestContext {
         plugin.wake_root();
         self.perform(decision, pending)
     }
+}
+
+/// The downstream address: Envoy's `source.address` property, "ip:port" text (brackets
+/// for IPv6).
+fn peer() -> Option<SocketAddr> {
+    abi::property(&["source", "address"])
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.parse().ok())
 }
 
 /// Sends `check` to the companion; the reply goes to the context running now (the SDK

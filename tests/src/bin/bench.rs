@@ -27,6 +27,11 @@ struct Args {
     /// wrk connections (1..=256).
     #[arg(long, default_value_t = 32)]
     connections: u32,
+    /// Only these shapes (comma-separated keys: no-auth, jwt-authn, ext-authz-trivial,
+    /// noop-wasm, ext-authz-tokenreview, ext-authz-jwks, filter-tokenreview, filter-jwks),
+    /// each with its floors; every shape when not given.
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
     /// Where the results go.
     #[arg(long, default_value = "docs/performance")]
     out: PathBuf,
@@ -50,6 +55,9 @@ async fn main() -> Result<()> {
     settings.rounds = args.rounds;
     settings.load.round = Duration::from_secs(args.seconds);
     settings.load.connections = args.connections;
+    if !args.shapes.is_empty() {
+        settings.shapes = bench::Shape::selection(&args.shapes)?;
+    }
     let most = settings.identities.iter().copied().max().unwrap_or(1) as u32;
     // Two slots per identity keep every one of them cached (plan/005).
     settings.slots = settings.slots.max((most * 2).next_power_of_two());

@@ -22,6 +22,7 @@ async fn the_ladder_runs_every_shape_and_counts_what_it_measures() -> Result<()>
             round: Duration::from_secs(1),
         },
         slots: 64,
+        shapes: Shape::ALL.to_vec(),
     };
     let results = bench::run(&settings).await?;
     ensure!(results.len() == Shape::ALL.len(), "one result per shape");
