@@ -194,7 +194,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Measured>, Error> {
     if most == 0 || settings.rounds == 0 {
         return Err(Error::Process("nothing to measure".to_owned()));
     }
-    let scene = Scene::start(most, settings.slots).await?;
+    let scene = Scene::start(most, settings.slots, &settings.shapes).await?;
     let script = wrk::write_script(scene.dir())?;
     let mut results = Vec::new();
     for &identities in &settings.identities {

@@ -38,9 +38,10 @@ pub struct Scene {
 }
 
 impl Scene {
-    /// Sets up `identities` service accounts (in both clusters), their tokens, and every
-    /// process; the in-proxy cache holds `slots` entries.
-    pub async fn start(identities: usize, slots: u32) -> Result<Scene, Error> {
+    /// Sets up `identities` service accounts (in both clusters), their tokens, both
+    /// companions and the proxy of each of `shapes`; the in-proxy cache holds `slots`
+    /// entries.
+    pub async fn start(identities: usize, slots: u32, shapes: &[Shape]) -> Result<Scene, Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Process(e.to_string()))?;
         let workload = FakeCluster::start("workload").await?;
         // The JWKS shapes fetch keys anonymously, as a cluster allows once bound.
@@ -62,7 +63,7 @@ impl Scene {
         let noop = noop_filter_wasm()?;
         let filter = filter_wasm()?;
         let mut proxies = HashMap::new();
-        for shape in Shape::ALL {
+        for &shape in shapes {
             let (filters, authz) = match shape {
                 Shape::NoAuth => (vec![], trivial.addr),
                 Shape::JwtAuthn => (vec![jwt_authn(&workload)], trivial.addr),

@@ -65,7 +65,7 @@ const PATHS: [Shape; 2] = [
 pub async fn run(settings: Settings) -> Result<Outcome, Error> {
     // Two slots per identity keep every one of them cached (plan/005).
     let slots = (settings.identities as u32 * 2).next_power_of_two();
-    let scene = Scene::start(settings.identities, slots).await?;
+    let scene = Scene::start(settings.identities, slots, &PATHS).await?;
     let script = wrk::write_paced_script(scene.dir(), settings.delay)?;
     let tokens = scene.tokens_file(settings.identities)?;
     for shape in PATHS {

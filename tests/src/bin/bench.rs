@@ -6,9 +6,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, builder::PossibleValuesParser};
 use tokensmith_tests::bench::{
-    self,
+    self, Shape,
     report::{COMMAND, Machine, Report},
 };
 
@@ -27,10 +27,9 @@ struct Args {
     /// wrk connections (1..=256).
     #[arg(long, default_value_t = 32)]
     connections: u32,
-    /// Only these shapes (comma-separated keys: no-auth, jwt-authn, ext-authz-trivial,
-    /// noop-wasm, ext-authz-tokenreview, ext-authz-jwks, filter-tokenreview, filter-jwks),
-    /// each with its floors; every shape when not given.
-    #[arg(long, value_delimiter = ',')]
+    /// Only these shapes (comma-separated), each with its floors; every shape when not
+    /// given.
+    #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(Shape::ALL.map(Shape::key)))]
     shapes: Vec<String>,
     /// Where the results go.
     #[arg(long, default_value = "docs/performance")]
@@ -56,7 +55,7 @@ async fn main() -> Result<()> {
     settings.load.round = Duration::from_secs(args.seconds);
     settings.load.connections = args.connections;
     if !args.shapes.is_empty() {
-        settings.shapes = bench::Shape::selection(&args.shapes)?;
+        settings.shapes = Shape::selection(&args.shapes)?;
     }
     let most = settings.identities.iter().copied().max().unwrap_or(1) as u32;
     // Two slots per identity keep every one of them cached (plan/005).
